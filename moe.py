@@ -1,0 +1,345 @@
+"""
+The DeepSeek-V3 Mixture-of-Experts layer, in one file.
+
+    from moe import MoE, MoEConfig, update_bias
+    layer = MoE(MoEConfig(dim=256, moe_inter_dim=128))
+    y, aux_loss = layer(x)          # x: (B, L, dim)
+    ...; optimizer.step(); update_bias(model)   # once per optimizer step
+
+Math ([V3] = DeepSeek-V3 report, [LF] = aux-loss-free paper; see shared/reference):
+    s_{i,t} = sigmoid(u_t . e_i)                               [V3 eq. 15]
+    picked  = TopK_K(s_{i,t} + b_i), within the best M groups   [V3 eq. 16, 2.1.2]
+    g_{i,t} = route_scale * s_{i,t} / sum_{j in picked} s_{j,t}  [V3 eq. 13-14]
+    h_t     = sum_shared FFN(u_t) + sum_{i in picked} g_{i,t} FFN_i(u_t)   [V3 eq. 12]
+    b_i    += gamma * sign(mean load - load_i), after each optimizer step  [LF Alg. 1]
+    L_bal   = alpha * sum_i f_i P_i, per sequence, averaged     [V3 eq. 17-20]
+
+Design notes, each choice with its reason:
+- Sigmoid affinities normalised over the picks (V3), not softmax over all experts: the
+  scores of experts are independent, so the bias can shift one expert without moving the
+  others. score_func="softmax" reproduces DeepSeek-V2 (no renormalisation).
+- The bias only decides WHO is picked; gate values use the unbiased scores. Otherwise the
+  balancer would also change how much each expert contributes (trap 1 of the reference).
+- Router math in float32, bias a float32 buffer that stays float32 when the module is cast:
+  bf16 cannot hold 1e-3 steps on top of a bias of order 1 (trap 3). Autocast is switched off
+  inside the gate for the same reason.
+- Excluded groups are masked with -inf, never 0: with negative biases a 0 would win (trap 2).
+- Dropless: every token gets exactly K experts, so there is no capacity factor and the
+  number of routed rows is always T*K. That is what makes the shapes static.
+- Dispatch "grouped": stable-sort the T*K (token, expert) pairs by expert, gather the rows,
+  and run ONE grouped matmul per projection over contiguous per-expert segments whose int32
+  ends come from on-device counts. No .item(), no nonzero, no Python loop over experts: the
+  forward and backward compile to one graph that does not change when routing does.
+  The routed rows are exactly T*K, so no grouped-GEMM row is ever left uninitialised (trap 9).
+- Grouped GEMM ignores autocast (trap 11): the layer casts to the autocast dtype itself, so
+  fp32 master weights train in bf16 like every other matmul under autocast.
+- torch's native grouped matmul is bf16-only under torch.compile and missing from older
+  releases. `grouped_mm` below is the one place that chooses: native where it works, else a
+  small custom op (opaque to the compiler, with a fake implementation for shapes) that falls
+  back to a per-expert loop. Same math, same graph, no crash in float32.
+- Dispatch "loop": the per-expert Python loop of the official inference code, kept because
+  it is the easiest thing to read; it is the oracle in the tests and the bench baseline.
+- Balance state lives in buffers (bias, tokens_per_expert), the update is an explicit call
+  from the training loop, and loads are counted only in training, summed over micro-batches
+  and (via torch.distributed) over ranks, so the update sees the whole optimizer step.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class MoEConfig:
+    dim: int = 256                   # model width D
+    moe_inter_dim: int = 128         # width H of one routed expert (fine-grained: small)
+    n_routed_experts: int = 16       # E
+    n_activated_experts: int = 4     # K, experts per token (top-k)
+    n_shared_experts: int = 1        # shared experts, fused into one MLP of width n*H
+    n_expert_groups: int = 1         # G groups of experts (V3: 8, one per node)
+    n_limited_groups: int = 1        # M groups a token may use (V3: 4)
+    score_func: str = "sigmoid"      # "sigmoid" (V3) or "softmax" (V2, no renormalisation)
+    route_scale: float = 1.0         # V3 671B uses 2.5
+    bias_update_speed: float = 1e-3  # gamma [LF, V3]
+    seq_aux_alpha: float = 1e-4      # alpha of the sequence-wise balance loss [V3]
+    aux_scope: str = "sequence"      # "sequence" (V3 eq. 17-20) or "batch" (V3 4.5.3)
+    dispatch: str = "grouped"        # "grouped" (sorted tokens + grouped GEMM) or "loop"
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"MoEConfig: {msg}")
+        for name in ("dim", "moe_inter_dim", "n_routed_experts", "n_activated_experts",
+                     "n_expert_groups", "n_limited_groups"):
+            if getattr(self, name) < 1:
+                bad(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("n_shared_experts", "route_scale", "bias_update_speed", "seq_aux_alpha"):
+            if getattr(self, name) < 0:
+                bad(f"{name}={getattr(self, name)} must be >= 0")
+        E, K, G, M = (self.n_routed_experts, self.n_activated_experts,
+                      self.n_expert_groups, self.n_limited_groups)
+        if K > E:
+            bad(f"n_activated_experts={K} exceeds n_routed_experts={E}")
+        if E % G:
+            bad(f"n_expert_groups={G} does not divide n_routed_experts={E}")
+        if M > G:
+            bad(f"n_limited_groups={M} exceeds n_expert_groups={G}")
+        if M * (E // G) < K:
+            bad(f"n_limited_groups={M} groups of {E // G} experts hold fewer than "
+                f"n_activated_experts={K}")
+        for name in ("dim", "moe_inter_dim"):  # grouped GEMM wants 16-byte strides (trap 10)
+            if getattr(self, name) % 8:
+                bad(f"{name}={getattr(self, name)} must be a multiple of 8 for grouped GEMM")
+        for name, ok in (("score_func", ("sigmoid", "softmax")), ("dispatch", ("grouped", "loop")),
+                         ("aux_scope", ("sequence", "batch"))):
+            if getattr(self, name) not in ok:
+                bad(f"{name}={getattr(self, name)!r} is not one of {ok}")
+
+
+# ---------------------------------------------------------------------------------------
+# Grouped matmul: out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]   (one swappable spot)
+
+def _grouped_mm_loop(x, w, offs):
+    """Reference segment loop, used where torch has no native grouped matmul for x."""
+    out, start = x.new_empty(x.shape[0], w.shape[-1]), 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = x[start:end] @ w[e]
+        start = end
+    return out
+
+
+def _native_or_loop(x, w, offs):
+    if hasattr(F, "grouped_mm"):
+        try:
+            return F.grouped_mm(x, w, offs=offs)
+        except RuntimeError:  # dtype or device the native kernel does not take
+            pass
+    return _grouped_mm_loop(x, w, offs)
+
+
+@torch.library.custom_op("moe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return _native_or_loop(x.contiguous(), w, offs)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("moe::grouped_mm_wgrad", mutates_args=())
+def _grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor,
+                      n_groups: int) -> torch.Tensor:
+    """dw[e] = x[seg e]^T @ dy[seg e], zero for an empty segment."""
+    dw, start = x.new_zeros(n_groups, x.shape[1], dy.shape[1]), 0
+    for e, end in enumerate(offs.tolist()):
+        dw[e] = x[start:end].t() @ dy[start:end]
+        start = end
+    return dw
+
+
+@_grouped_mm_wgrad.register_fake
+def _(x, dy, offs, n_groups):
+    return x.new_empty(n_groups, x.shape[1], dy.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, offs = inputs
+    ctx.save_for_backward(x, w, offs)
+
+
+def _backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dy = dy.contiguous()
+    dx = _grouped_mm_op(dy, w.transpose(-2, -1), offs)
+    dw = _grouped_mm_wgrad(x, dy, offs, w.shape[0])
+    return dx, dw, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """(R, D) rows sorted by group, (G, D, H) weights, (G,) int32 segment ends -> (R, H)."""
+    if x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
+        return F.grouped_mm(x, w, offs=offs)  # native, differentiable, compiles
+    return _grouped_mm_op(x, w, offs)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
+
+
+# ---------------------------------------------------------------------------------------
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Shared experts and dense layers."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate projection
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down projection
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Router: who is picked (biased scores, group-limited) and with what weight (unbiased)."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        nn.init.uniform_(self.weight, -cfg.dim ** -0.5, cfg.dim ** -0.5)
+        # the aux-loss-free bias: float32, no gradient, saved in the state_dict
+        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        bias = self.bias  # keep the bias float32 (and its exact value) under .to(bf16)
+        super()._apply(fn, recurse)
+        self.bias = bias.to(device=self.bias.device)
+        return self
+
+    def forward(self, x):
+        """x (T, D) -> weights (T, K) fp32, indices (T, K) int64, scores (T, E) fp32."""
+        cfg = self.cfg
+        T, G = x.shape[0], cfg.n_expert_groups
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())                 # (T, E)
+        scores = logits.sigmoid() if cfg.score_func == "sigmoid" else logits.softmax(-1)
+        biased = scores.detach() + self.bias                                  # selection only
+        if G > 1:
+            groups = biased.view(T, G, -1)                                    # (T, G, E/G)
+            top2 = min(2, groups.shape[-1])
+            group_scores = groups.topk(top2, dim=-1).values.sum(-1)           # (T, G)
+            keep = group_scores.topk(cfg.n_limited_groups, dim=-1).indices    # (T, M)
+            dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter(1, keep, False)
+            biased = groups.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = biased.topk(cfg.n_activated_experts, dim=-1).indices       # (T, K)
+        weights = scores.gather(1, indices)                                  # unbiased values
+        if cfg.score_func == "sigmoid":
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * cfg.route_scale, indices, scores
+
+
+class MoE(nn.Module):
+    """Shared experts on every token + K of E fine-grained routed experts, dropless."""
+
+    def __init__(self, cfg: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        E, D, H = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.gate = Gate(cfg)
+        self.experts = nn.ParameterDict({  # stacked like nn.Linear weights: (E, out, in)
+            "w1": nn.Parameter(torch.empty(E, H, D).uniform_(-D ** -0.5, D ** -0.5)),
+            "w3": nn.Parameter(torch.empty(E, H, D).uniform_(-D ** -0.5, D ** -0.5)),
+            "w2": nn.Parameter(torch.empty(E, D, H).uniform_(-H ** -0.5, H ** -0.5)),
+        })
+        self.shared_experts = MLP(D, cfg.n_shared_experts * H) if cfg.n_shared_experts else None
+        # loads since the last bias update: int64, so casting the module never rounds them
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor):
+        """x (B, L, D) -> y (B, L, D), aux_loss (). T = B*L tokens, K = top-k, E = experts."""
+        cfg = self.cfg
+        if x.dim() != 3 or x.shape[-1] != cfg.dim:
+            raise ValueError(f"MoE expects x of shape (B, L, dim={cfg.dim}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"MoE expects a floating-point x, got {x.dtype}")
+        B, L, D = x.shape
+        E, K = cfg.n_routed_experts, cfg.n_activated_experts
+        xf = x.reshape(B * L, D)                                              # (T, D)
+        weights, indices, scores = self.gate(xf)                             # (T, K) (T, K) (T, E)
+        # per-sequence expert counts: the offsets, the balance loss and the bias all use them
+        counts = torch.zeros(B, E, dtype=torch.long, device=x.device)
+        counts.scatter_add_(1, indices.view(B, L * K), torch.ones_like(indices.view(B, L * K)))
+        if cfg.dispatch == "grouped":
+            y = self._grouped(xf, weights, indices, counts.sum(0))
+        else:
+            y = self._loop(xf, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(xf)
+        if self.training:
+            with torch.no_grad():
+                self.tokens_per_expert += counts.sum(0)
+        return y.view(B, L, D), self.balance_loss(scores.view(B, L, E), counts)
+
+    def _expert_weights(self, dtype):
+        return [self.experts[n].to(dtype) for n in ("w1", "w3", "w2")]
+
+    def _grouped(self, x, weights, indices, counts):
+        """Sort the T*K routed rows by expert; one grouped matmul per projection."""
+        T, K = indices.shape
+        w1, w3, w2 = self._expert_weights(_compute_dtype(x))
+        order = indices.view(-1).argsort(stable=True)                        # (T*K,)
+        offs = counts.cumsum(0).to(torch.int32)                              # (E,) segment ends
+        xs = x.to(w1.dtype)[order // K]                                      # (T*K, D) gathered
+        h = F.silu(grouped_mm(xs, w1.mT, offs)) * grouped_mm(xs, w3.mT, offs)  # (T*K, H)
+        out = grouped_mm(h, w2.mT, offs)                                     # (T*K, D) sorted
+        out = torch.empty_like(out).index_copy(0, order, out)                # (T*K, D) unsorted
+        y = (out.view(T, K, -1) * weights.unsqueeze(-1)).sum(1)              # (T, D) fp32 sum
+        return y.to(out.dtype)
+
+    def _loop(self, x, weights, indices):
+        """The per-expert loop of the official inference code. Readable, not compilable."""
+        w1, w3, w2 = self._expert_weights(_compute_dtype(x))
+        y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for e in range(self.cfg.n_routed_experts):
+            token, slot = torch.where(indices == e)                           # who picked e
+            if token.numel() == 0:
+                continue
+            xe = x[token].to(w1.dtype)
+            out = F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
+            y.index_add_(0, token, out * weights[token, slot, None])
+        return y.to(w1.dtype)
+
+    def balance_loss(self, scores, counts):
+        """Complementary sequence-wise balance loss [V3 eq. 17-20]. scores (B, L, E), counts (B, E)."""
+        cfg = self.cfg
+        if not self.training or cfg.seq_aux_alpha == 0:
+            return scores.new_zeros(())
+        if cfg.aux_scope == "batch":  # the whole batch as one sequence [V3 4.5.3]
+            scores, counts = scores.flatten(0, 1).unsqueeze(0), counts.sum(0, keepdim=True)
+        E, K, L = cfg.n_routed_experts, cfg.n_activated_experts, scores.shape[1]
+        P = (scores / scores.sum(-1, keepdim=True)).mean(1)                 # (B, E) eq. 19
+        f = counts.float() * (E / (K * L))                                   # (B, E) eq. 18
+        return cfg.seq_aux_alpha * (f * P).sum(-1).mean()                    # eq. 17
+
+    @torch.no_grad()
+    def update_bias(self, gamma: float | None = None, load: torch.Tensor | None = None):
+        """b += gamma * sign(mean load - load) [LF Alg. 1], then zero the counts.
+
+        load defaults to this layer's tokens_per_expert; update_bias(model) passes the sum
+        over ranks. Returns the float64 load it used. Call once per optimizer step."""
+        gamma = self.cfg.bias_update_speed if gamma is None else gamma
+        load = (self.tokens_per_expert if load is None else load).double()
+        self.gate.bias += gamma * torch.sign(load.mean() - load).float()
+        self.tokens_per_expert.zero_()
+        return load
+
+
+def max_vio(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio [LF eq. 4] along the last dim: (max load - mean load) / mean load."""
+    load = load.double()
+    mean = load.mean(-1)
+    return (load.amax(-1) - mean) / mean.clamp_min(1e-12)
+
+
+@torch.no_grad()
+def update_bias(model: nn.Module, gamma: float | None = None) -> torch.Tensor:
+    """Update every MoE layer of model in place; returns the loads used, (n_moe_layers, E).
+
+    Counts are summed over data-parallel ranks first (one all_reduce for all layers), so
+    every rank applies the same update and keeps the same biases."""
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    if not layers:
+        return torch.zeros(0, 0)
+    load = torch.stack([m.tokens_per_expert for m in layers])               # (n_layers, E)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(load)
+    return torch.stack([m.update_bias(gamma, l) for m, l in zip(layers, load)])
