@@ -155,7 +155,7 @@ class GPT(nn.Module):
         if targets is None:  # inference: only the last position's logits are needed
             return self.head(self.norm(x[:, [-1]])).float(), None, aux_loss
         logits = self.head(self.norm(x)).float()                               # (B, L, V)
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, ce + aux_loss, aux_loss
 
     @torch.no_grad()

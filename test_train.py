@@ -1,0 +1,235 @@
+"""Tests for model.py and train.py: the model's parts, the data formats, and whole runs of
+train.py in subprocesses (tiny preset, no compile) as a user would start them."""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from model import GPT, GPTConfig, presets
+from moe import MLP, MoE, MoEConfig, update_bias
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_model(**moe):
+    torch.manual_seed(0)
+    cfg = presets["tiny"]
+    return GPT(GPTConfig(**{**cfg.__dict__, "moe": MoEConfig(**{**cfg.moe.__dict__, **moe})}))
+
+
+def run_train(out_dir, *args, torchrun=False):
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--preset=tiny", "--compile=False",
+           "--batch_size=4", "--eval_iters=2", "--heatmap_svg=False", f"--out_dir={out_dir}", *args]
+    if torchrun:
+        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(HERE, "train.py")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "COLUMNS": "120"})
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"  # learnable: a short phrase repeated with a counter
+    path.write_text("".join(f"def f{i % 10}(x):\n    return x + {i % 10}\n" for i in range(3000)))
+    return str(path)
+
+
+# ------------------------------------------------------------------------------ model
+def test_model_dense_layers_first_then_moe():
+    model = tiny_model()
+    kinds = [type(layer.ffn) for layer in model.layers]
+    n = presets["tiny"].n_dense_layers
+    assert kinds == [MLP] * n + [MoE] * (len(kinds) - n)
+
+
+def test_model_loss_is_cross_entropy_plus_balance_loss():
+    model = tiny_model(seq_aux_alpha=0.1)
+    idx = torch.randint(0, 256, (2, 16))
+    logits, loss, aux = model(idx, idx)
+    ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
+    assert logits.shape == (2, 16, 256)
+    assert aux > 0
+    torch.testing.assert_close(loss, ce + aux)
+    loss.backward()
+    assert model.layers[-1].ffn.gate.weight.grad.abs().sum() > 0
+    assert model.layers[0].ffn.w1.weight.grad.abs().sum() > 0
+
+
+def test_model_eval_has_no_balance_loss_and_counts_nothing():
+    model = tiny_model(seq_aux_alpha=0.1).eval()
+    _, _, aux = model(torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16)))
+    assert aux == 0
+    assert all(m.tokens_per_expert.sum() == 0 for m in model.modules() if isinstance(m, MoE))
+
+
+def test_generate_appends_tokens_in_vocab():
+    model = tiny_model().eval()
+    out = model.generate(torch.zeros(2, 3, dtype=torch.long), 20, temperature=1.0, top_k=5)
+    assert out.shape == (2, 23) and out.min() >= 0 and out.max() < 256
+    greedy = model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0)
+    assert torch.equal(greedy, model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0))
+
+
+def test_active_params_count_only_top_k_experts():
+    model = tiny_model()
+    m = model.cfg.moe
+    routed = sum(p.numel() for layer in model.layers if isinstance(layer.ffn, MoE)
+                 for p in layer.ffn.experts.values())
+    inactive = routed * (m.n_routed_experts - m.n_activated_experts) // m.n_routed_experts
+    assert model.num_params(active=True) == model.num_params() - inactive
+
+
+def test_model_rejects_bad_config_and_long_input():
+    with pytest.raises(ValueError, match="n_head"):
+        GPTConfig(n_embd=96, n_head=5)
+    with pytest.raises(ValueError, match="n_dense_layers"):
+        GPTConfig(n_layer=2, n_dense_layers=3)
+    with pytest.raises(ValueError, match="block_size"):
+        tiny_model()(torch.zeros(1, 65, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------ data
+def write_shard(path, tokens, magic=20240520, truncate=0):
+    header = struct.pack("<256i", magic, 1, len(tokens), *[0] * 253)
+    body = struct.pack(f"<{len(tokens)}H", *tokens)
+    with open(path, "wb") as f:
+        f.write((header + body)[:len(header + body) - truncate])
+
+
+def test_text_file_and_folder_load_as_bytes(text_file, tmp_path):
+    splits = train.load_data(text_file, str(tmp_path / "cache"))
+    raw = open(text_file, "rb").read()
+    assert bytes(torch.cat([splits["train"], splits["val"]]).tolist()) == raw
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.txt").write_text("a" * 600)
+    (folder / "b.txt").write_text("b" * 600)
+    splits = train.load_data(str(folder), str(tmp_path / "cache"))
+    assert len(splits["train"]) + len(splits["val"]) == 1201  # joined with one newline
+
+
+def test_stdlib_data_is_split_by_file_and_cached(tmp_path):
+    splits = train.load_data("stdlib", str(tmp_path))
+    assert len(splits["train"]) > 10 * len(splits["val"]) > 0
+    assert b"def " in bytes(splits["val"][:100_000].tolist())
+    assert any(p.endswith(".pt") for p in os.listdir(tmp_path))
+    again = train.load_data("stdlib", str(tmp_path))
+    assert torch.equal(again["val"], splits["val"])
+
+
+def test_bin_shards_load_with_val_split(tmp_path):
+    write_shard(tmp_path / "d_train_000.bin", list(range(1000)))
+    write_shard(tmp_path / "d_val_000.bin", [7] * 500)
+    splits = train.load_data(str(tmp_path / "d_*.bin"), str(tmp_path))
+    assert splits["train"].tolist() == list(range(1000))
+    assert splits["val"].tolist() == [7] * 500
+
+
+@pytest.mark.parametrize("kind,message", [("magic", "magic"), ("truncated", "truncated"),
+                                          ("empty", "matches no files"),
+                                          ("missing", "no such file")])
+def test_bad_data_gets_a_clear_error(tmp_path, kind, message):
+    spec = str(tmp_path / "x_*.bin")
+    if kind == "magic":
+        write_shard(tmp_path / "x_0.bin", [1, 2, 3], magic=1234)
+    elif kind == "truncated":
+        write_shard(tmp_path / "x_0.bin", [1, 2, 3], truncate=2)
+    elif kind == "missing":
+        spec = str(tmp_path / "nothing.txt")
+    with pytest.raises(SystemExit, match=message):
+        train.load_data(spec, str(tmp_path))
+
+
+def test_overrides_are_typed_and_unknown_keys_refused():
+    settings = {"max_iters": 10, "learning_rate": 1e-3, "compile": True, "data": "stdlib"}
+    got = train.parse_overrides(["--max_iters=5", "--learning_rate=0.5", "--compile=False",
+                                 "--data=x.txt"], settings)
+    assert got == {"max_iters": 5, "learning_rate": 0.5, "compile": False, "data": "x.txt"}
+    assert train.parse_overrides(["--compile"], settings) == {"compile": True}
+    with pytest.raises(SystemExit, match="unknown setting.*max_iters"):
+        train.parse_overrides(["--max_iter=5"], settings)
+    with pytest.raises(SystemExit, match="max_iters.*int"):
+        train.parse_overrides(["--max_iters=five"], settings)
+
+
+# ------------------------------------------------------------------------------ runs
+def test_training_lowers_the_loss(tmp_path, text_file):
+    rows = run_train(tmp_path, f"--data={text_file}", "--max_iters=60", "--eval_interval=60",
+                     "--log_interval=10", "--learning_rate=1e-2")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0] - 1.0
+    evals = [r for r in rows if "val_loss" in r]
+    assert evals[-1]["iter"] == 60 and 0 <= evals[-1]["maxvio_global"]
+    assert os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, text_file):
+    common = [f"--data={text_file}", "--lr_decay_iters=12", "--log_interval=1", "--eval_interval=6"]
+    full = run_train(tmp_path / "a", *common, "--max_iters=12")
+    run_train(tmp_path / "b", *common, "--max_iters=6")
+    resumed = run_train(tmp_path / "b", *common, "--max_iters=12", "--init_from=resume")
+    losses = lambda rows: [(r["iter"], r["loss"], r["maxvio_batch"]) for r in rows if "loss" in r]
+    assert losses(full)[6:] == losses(resumed)[6:]
+    assert len(losses(full)) == 12
+
+
+def test_sample_from_checkpoint(tmp_path, text_file):
+    run_train(tmp_path, f"--data={text_file}", "--max_iters=4", "--eval_interval=4")
+    res = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path}",
+                          "--sample", "--prompt=def ", "--max_new_tokens=20"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("def ")
+
+
+def test_unknown_setting_is_refused_by_the_script(tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--lr=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "unknown setting '--lr=1'" in res.stderr
+    assert "learning_rate" in res.stderr
+
+
+def _ddp_worker(rank, world, port, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    model = tiny_model()
+    torch.manual_seed(100 + rank)  # each rank sees different tokens, hence different loads
+    for _ in range(5):
+        model(torch.randint(0, 256, (4, 32)))
+        update_bias(model, gamma=0.01)
+    biases = torch.stack([m.gate.bias for m in model.modules() if isinstance(m, MoE)])
+    torch.save(biases, os.path.join(result_dir, f"bias{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_two_gloo_ranks_keep_identical_biases(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    b0, b1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
+    assert b0.abs().sum() > 0 and torch.equal(b0, b1)
+    # and without the all_reduce the ranks would have drifted apart: loads differ per rank
+    local = tiny_model()
+    torch.manual_seed(100)
+    for _ in range(5):
+        local(torch.randint(0, 256, (4, 32)))
+        update_bias(local, gamma=0.01)
+    assert not torch.equal(local.layers[-1].ffn.gate.bias, b0[-1])
+
+
+def test_torchrun_two_ranks_trains(tmp_path, text_file):
+    rows = run_train(tmp_path, f"--data={text_file}", "--max_iters=4", "--eval_interval=4",
+                     "--log_interval=2", torchrun=True)
+    assert [r["iter"] for r in rows if "loss" in r] == [2, 4]
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    assert len(ckpt["data_rng"]) == 2

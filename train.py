@@ -1,0 +1,447 @@
+"""
+Train a small DeepSeek-V3-style MoE GPT, offline, with aux-loss-free balancing.
+
+    python train.py                                  # CPU default: Python's own stdlib as bytes
+    python train.py --data=notes.txt                 # a text file or a folder of text files
+    python train.py --data='fineweb10B/*.bin' --vocab_size=50304   # llm.c / modded-nanogpt shards
+    python train.py --init_from=resume               # continue out_dir/ckpt.pt
+    python train.py --sample --prompt='def '         # sample from out_dir/ckpt.pt
+    python train.py --balance=aux                    # none | aux | aux_batch | bias | v3
+    torchrun --standalone --nproc_per_node=2 train.py --preset=gpu --device=cuda
+
+Every setting below can be overridden with --key=value. After each optimizer step the expert
+biases are updated in place from the loads of the whole step (all micro-batches, all ranks).
+"""
+import glob
+import json
+import math
+import mmap
+import os
+import signal
+import sys
+import sysconfig
+import time
+import warnings
+import zlib
+from dataclasses import asdict, replace
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's optional numpy
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from model import GPT, presets
+from moe import MoE, max_vio, update_bias
+
+# ----------------------------------------------------------------------------- settings
+out_dir = "out"
+preset = "cpu"               # a key of model.presets
+data = "stdlib"              # "stdlib", a text file or folder, or a glob of .bin shards
+vocab_size = 0               # 0: the preset's (256 bytes); set it for .bin shards
+block_size = 0               # 0: the preset's
+batch_size = 16
+gradient_accumulation_steps = 1
+max_iters = 1200
+lr_decay_iters = 0           # 0: max_iters
+eval_interval = 300
+eval_iters = 20
+log_interval = 20
+learning_rate = 3e-3
+min_lr = 3e-4
+warmup_iters = 50
+weight_decay = 0.1           # V3: 0.1, matrices only
+grad_clip = 1.0              # V3: 1.0
+balance = "v3"               # balancing arm, see `arms` below
+bias_update_speed = 1e-3     # gamma; set by the arm unless given
+seq_aux_alpha = 1e-4         # alpha; set by the arm unless given
+aux_scope = "sequence"       # "sequence" or "batch"; set by the arm unless given
+bias_freeze_frac = 0.0       # final fraction of iterations with gamma = 0 (V3: ~0.034)
+init_from = "scratch"        # "scratch" or "resume"
+compile = True
+device = "auto"              # "auto", "cpu", "cuda", "cuda:1", ...
+dtype = "bfloat16"           # autocast dtype: "bfloat16" or "float32" (fp32 master weights)
+seed = 1337
+sample = False               # only sample from out_dir/ckpt.pt, then exit
+prompt = "\n"
+max_new_tokens = 300
+temperature = 0.8
+top_k = 40
+heatmap_svg = True           # also save each eval's expert-load heatmap as out_dir/*.svg
+
+# arm: (bias_update_speed, seq_aux_alpha, aux_scope)
+arms = {"none": (0.0, 0.0, "sequence"), "aux": (0.0, 1e-3, "sequence"),
+        "aux_batch": (0.0, 1e-3, "batch"), "bias": (1e-3, 0.0, "sequence"),
+        "v3": (1e-3, 1e-4, "sequence")}
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+              "A10G": 70e12, "4090": 165e12, "3090": 71e12}  # dense bf16, per GPU
+
+
+def parse_overrides(argv, settings):
+    """--key=value (or a bare --flag for booleans) -> dict of typed values; refuse unknown keys."""
+    given = {}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in settings:
+            sys.exit(f"unknown setting {arg!r}; valid keys: {', '.join(settings)}")
+        kind = type(settings[key])
+        try:
+            if kind is bool:
+                if eq and value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                given[key] = not eq or value.lower() in ("true", "1")
+            else:
+                given[key] = kind(value)
+        except ValueError:
+            sys.exit(f"--{key}={value!r}: expected a {kind.__name__}")
+    return given
+
+
+# ----------------------------------------------------------------------------- data
+def stdlib_tokens(cache_dir):
+    """Python's own standard library sources as bytes, split into train/val by file."""
+    root = sysconfig.get_paths()["stdlib"]
+    cache = os.path.join(cache_dir, f"stdlib-{sys.version_info[0]}.{sys.version_info[1]}.pt")
+    if os.path.exists(cache):
+        return torch.load(cache)
+    parts = {"train": [], "val": []}
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        rel = os.path.relpath(path, root)
+        if "site-packages" in rel:
+            continue
+        with open(path, "rb") as f:  # 1 file in 20 goes to val, fixed by its path
+            parts["val" if zlib.crc32(rel.encode()) % 20 == 0 else "train"].append(f.read())
+    if not parts["train"]:
+        sys.exit(f"no .py files found under {root}; use --data=PATH")
+    splits = {k: torch.frombuffer(bytearray(b"\n".join(v)), dtype=torch.uint8)
+              for k, v in parts.items()}
+    os.makedirs(cache_dir, exist_ok=True)
+    torch.save(splits, cache + ".tmp")
+    os.replace(cache + ".tmp", cache)
+    return splits
+
+
+def text_tokens(path):
+    """A text file or a folder of files as bytes; the last 10% is val."""
+    files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
+                   if os.path.isfile(p)) if os.path.isdir(path) else [path]
+    raw = b"\n".join(open(p, "rb").read() for p in files)
+    if len(raw) < 1000:
+        sys.exit(f"data={path!r} holds {len(raw)} bytes; need at least 1000")
+    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    n = int(0.9 * len(tokens))
+    return {"train": tokens[:n], "val": tokens[n:]}
+
+
+def read_shard(path):
+    """One llm.c / modded-nanogpt shard: 256 int32 header (magic 20240520), then uint16 tokens."""
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # lazy, copy-on-write
+    if len(m) < 1024:
+        sys.exit(f"{path}: {len(m)} bytes, too short for the 1024-byte header")
+    header = torch.frombuffer(m, dtype=torch.int32, count=256)
+    if header[0] != 20240520:
+        sys.exit(f"{path}: magic {int(header[0])} is not 20240520; not an llm.c .bin shard")
+    n = int(header[2])
+    if len(m) != 1024 + 2 * n:
+        sys.exit(f"{path}: header says {n} tokens, file holds {(len(m) - 1024) // 2}: truncated?")
+    return torch.frombuffer(m, dtype=torch.uint16, offset=1024, count=n)
+
+
+def bin_tokens(pattern):
+    files = sorted(glob.glob(pattern))
+    if not files:
+        sys.exit(f"data={pattern!r} matches no files")
+    val = [f for f in files if "val" in os.path.basename(f)] or files[-1:]
+    train = [f for f in files if f not in val] or val
+    return {"train": torch.cat([read_shard(f) for f in train]),
+            "val": torch.cat([read_shard(f) for f in val])}
+
+
+def load_data(spec, cache_dir):
+    if spec == "stdlib":
+        return stdlib_tokens(cache_dir)
+    if spec.endswith(".bin"):
+        return bin_tokens(spec)
+    if not os.path.exists(spec):
+        sys.exit(f"data={spec!r}: no such file or folder")
+    return text_tokens(spec)
+
+
+def get_batch(tokens, gen, B, L, dev):
+    """B random windows of L+1 tokens; gen makes the sequence of batches reproducible."""
+    if len(tokens) <= L + 1:
+        sys.exit(f"split of {len(tokens)} tokens is too short for block_size={L}")
+    i = torch.randint(len(tokens) - L - 1, (B,), generator=gen)
+    xy = torch.stack([tokens[j:j + L + 1] for j in i.tolist()]).long().to(dev)
+    return xy[:, :-1], xy[:, 1:]
+
+
+# ----------------------------------------------------------------------------- display
+def heatmap(loads, title):
+    """Rows MoE layers, columns experts; colour = load / mean load (blue low, red high)."""
+    table = Table(title=title, show_header=False, box=None, padding=(0, 0))
+    for i, row in enumerate(loads / loads.mean(-1, keepdim=True).clamp_min(1e-9)):
+        text = Text(f"MoE {i:>2} ")
+        for r in row.tolist():
+            t = min(max(r - 1, -1), 1)  # -1 .. 1 around the mean
+            rgb = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t > 0 else \
+                  (int(255 * (1 + t)), int(255 * (1 + t)), 255)
+            text.append("██", style=f"rgb({rgb[0]},{rgb[1]},{rgb[2]})")
+        table.add_row(text.append(f"  max/mean {row.max():.2f}  min/mean {row.min():.2f}"))
+    return table
+
+
+def decode(ids, vocab):
+    return bytes(ids).decode("utf-8", errors="replace") if vocab == 256 else str(ids)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model, tokens, B, L, dev, ctx, iters, seed):
+    """Val loss and per-layer expert loads over fixed val batches. Counting happens in
+    forward hooks on the gates, so the training counts (and the bias) never see val data."""
+    gates = [m.gate for m in model.modules() if isinstance(m, MoE)]
+    loads = torch.zeros(len(gates), gates[0].cfg.n_routed_experts if gates else 0)
+    def count(i, out):  # out = (weights, indices, scores) of gate i
+        loads[i] += torch.bincount(out[1].flatten(), minlength=loads.shape[1]).cpu()
+    hooks = [g.register_forward_hook(lambda mod, inp, out, i=i: count(i, out))
+             for i, g in enumerate(gates)]
+    model.eval()
+    gen, total = torch.Generator().manual_seed(seed), 0.0
+    for _ in range(iters):
+        x, y = get_batch(tokens, gen, B, L, dev)
+        with ctx:
+            total += model(x, y)[1].item()  # eval mode: aux_loss is 0, this is cross-entropy
+    model.train()
+    for h in hooks:
+        h.remove()
+    return total / iters, loads
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def lr_at(it, decay_iters):
+    """Linear warm-up, then cosine from learning_rate down to min_lr."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / warmup_iters
+    ratio = min(1.0, (it - warmup_iters) / max(1, decay_iters - warmup_iters))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def main():
+    settings = {k: v for k, v in globals().items()
+                if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    given = parse_overrides(sys.argv[1:], settings)
+    globals().update(given)
+    if balance not in arms:
+        sys.exit(f"--balance={balance!r}: expected one of {', '.join(arms)}")
+    for key, value in zip(("bias_update_speed", "seq_aux_alpha", "aux_scope"), arms[balance]):
+        if key not in given:
+            globals()[key] = value
+    if preset not in presets:
+        sys.exit(f"--preset={preset!r}: expected one of {', '.join(presets)}")
+    if init_from not in ("scratch", "resume") or dtype not in ("bfloat16", "float32"):
+        sys.exit(f"init_from={init_from!r} / dtype={dtype!r}: see the docstring for valid values")
+    config = {k: globals()[k] for k in settings}
+
+    # distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+    ddp = "RANK" in os.environ
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
+        if dev.startswith("cuda"):
+            dev = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(dev)
+    master = rank == 0
+    console = Console(quiet=not master)
+    dev_type = "cuda" if dev.startswith("cuda") else "cpu"
+    ctx = torch.autocast(dev_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(seed)
+
+    ckpt = None
+    if init_from == "resume" or sample:
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"no checkpoint at {ckpt_path}; train first or set --out_dir")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    cfg = presets[preset]
+    cfg = replace(cfg, block_size=block_size or cfg.block_size,
+                  vocab_size=vocab_size or cfg.vocab_size,
+                  moe=replace(cfg.moe, bias_update_speed=bias_update_speed,
+                              seq_aux_alpha=seq_aux_alpha, aux_scope=aux_scope))
+    if ckpt is not None:
+        cfg = replace(cfg, **{**ckpt["model_cfg"], "moe": replace(cfg.moe, **ckpt["model_cfg"]["moe"])})
+    model = GPT(cfg).to(dev)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+
+    if sample:
+        model.eval()
+        idx = torch.tensor([list(prompt.encode())], device=dev) if cfg.vocab_size == 256 \
+            else torch.zeros(1, 1, dtype=torch.long, device=dev)
+        out = model.generate(idx, max_new_tokens, temperature, top_k)[0].tolist()
+        print(decode(out, cfg.vocab_size))
+        return
+
+    splits = load_data(data, os.path.join(out_dir, "cache"))
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=learning_rate, betas=(0.9, 0.95))
+    train_gen = torch.Generator().manual_seed(seed + rank)
+    it = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        it = ckpt["iter"]
+        train_gen.set_state(ckpt["data_rng"][rank] if rank < len(ckpt["data_rng"]) else
+                            torch.Generator().manual_seed(seed + rank).get_state())
+        torch.set_rng_state(ckpt["rng"])
+    raw_model, fwd = model, model
+    if compile:
+        fwd = torch.compile(model)
+    if ddp:  # buffers are ours to keep: counts differ per rank until update_bias sums them
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, broadcast_buffers=False)
+
+    def checkpoint():
+        state = train_gen.get_state().to(dev)  # every rank's data position, so all resume
+        states = [torch.empty_like(state) for _ in range(world)]
+        if ddp:
+            dist.all_gather(states, state)
+        else:
+            states[0].copy_(state)
+        states = [s.cpu() for s in states]
+        if master:
+            save_checkpoint(ckpt_path, {
+                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                "iter": it, "config": config, "model_cfg": asdict(cfg),
+                "rng": torch.get_rng_state(), "data_rng": states})
+
+    stop = []  # Ctrl-C finishes the current step, saves, and exits; a second one aborts
+    def on_sigint(*_):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(True)
+    signal.signal(signal.SIGINT, on_sigint)
+
+    log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+    def record(row):
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+
+    L, B, accum = cfg.block_size, batch_size, gradient_accumulation_steps
+    tokens_per_step = B * L * accum * world
+    flops = raw_model.flops_per_token(L)
+    peak = next((v for k, v in PEAK_FLOPS.items()
+                 if dev_type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
+    console.print(f"[bold]{preset}[/] preset on {dev} ({world} rank(s)): "
+                  f"{raw_model.num_params() / 1e6:.2f}M parameters, "
+                  f"{raw_model.num_params(active=True) / 1e6:.2f}M active per token; "
+                  f"data={data} ({len(splits['train']) / 1e6:.1f}M train tokens); "
+                  f"balance={balance} (gamma={bias_update_speed}, alpha={seq_aux_alpha}, "
+                  f"{aux_scope}); {tokens_per_step} tokens per step")
+    summary, maxvio_hist = {}, []
+    progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, disable=not master)
+    task = progress.add_task("training", total=max_iters, completed=it)
+    t_start = t_log = time.time()
+    it_log = start_it = it
+    with progress:
+        while True:
+            if it % eval_interval == 0 and it > 0 or it == max_iters:
+                val_loss, val_loads = evaluate(raw_model, splits["val"], B, L, dev, ctx,
+                                               eval_iters, seed)
+                mv_global = max_vio(val_loads).mean().item()
+                record({"iter": it, "val_loss": val_loss, "maxvio_global": mv_global})
+                summary.update(val_loss=val_loss, maxvio_global=mv_global)
+                if master and len(val_loads):
+                    title = f"expert load / mean at iter {it} (val set)"
+                    progress.console.print(heatmap(val_loads, title))
+                    if heatmap_svg:
+                        rec = Console(record=True, width=120, file=open(os.devnull, "w"))
+                        rec.print(heatmap(val_loads, title))
+                        rec.save_svg(os.path.join(out_dir, f"heatmap_{it:06d}.svg"), title=title)
+                raw_model.eval()
+                idx = torch.tensor([list(prompt.encode())] if cfg.vocab_size == 256 else [[0]],
+                                   device=dev)
+                text = decode(raw_model.generate(idx, 200, temperature, top_k)[0].tolist(),
+                              cfg.vocab_size)
+                raw_model.train()
+                progress.console.print(f"[bold]iter {it}[/]: val loss {val_loss:.4f}, "
+                                       f"MaxVio_global {mv_global:.3f}\n[dim]{escape(text)}[/]")
+                checkpoint()
+            if it >= max_iters:
+                break
+            lr = lr_at(it, lr_decay_iters or max_iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(accum):
+                x, y = get_batch(splits["train"], train_gen, B, L, dev)
+                if ddp:
+                    fwd.require_backward_grad_sync = micro == accum - 1
+                with ctx:
+                    _, loss, aux = fwd(x, y)
+                (loss / accum).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            if not torch.isfinite(loss):
+                console.print(f"[red]loss is {loss.item()} at iter {it}: stopping. The last good "
+                              f"checkpoint, {ckpt_path}, is untouched.")
+                sys.exit(1)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            frozen = it >= (1 - bias_freeze_frac) * max_iters
+            loads = update_bias(raw_model, gamma=0.0 if frozen else None)  # whole step, all ranks
+            maxvio_hist.append(max_vio(loads).mean() if len(loads) else torch.zeros(()))
+            it += 1
+            if it == start_it + 1:  # the first step pays for compilation: keep it out of tokens/s
+                t_log, it_log = time.time(), it
+            if it % log_interval == 0 or it == max_iters:
+                dt, ce, steps = time.time() - t_log, (loss - aux).item(), max(1, it - it_log)
+                tok_s = tokens_per_step * (it - it_log) / dt
+                mfu = f"{100 * flops * tok_s / world / peak:.1f}%" if peak else "n/a"
+                row = {"iter": it, "loss": ce, "aux_loss": aux.item(), "lr": lr,
+                       "tokens_per_s": tok_s, "mfu": mfu,
+                       "maxvio_batch": torch.stack(maxvio_hist[-steps:]).mean().item()}
+                record(row)
+                summary.update(loss=ce, tokens_per_s=tok_s, mfu=mfu)
+                progress.update(task, completed=it, description=(
+                    f"loss {ce:.3f} aux {row['aux_loss']:.2e} lr {lr:.1e} "
+                    f"{tok_s:,.0f} tok/s MFU {mfu} MaxVio {row['maxvio_batch']:.2f}"))
+                t_log, it_log = time.time(), it
+            progress.update(task, completed=it)
+            if ddp and stop:
+                stop[:] = [True]
+            flag = torch.tensor([float(bool(stop))])
+            if ddp:
+                dist.all_reduce(flag)
+            if flag.item():
+                checkpoint()
+                console.print(f"interrupted at iter {it}; saved {ckpt_path}. "
+                              "Continue with --init_from=resume")
+                break
+
+    table = Table("", "", title="summary", show_header=False)
+    for k in ("loss", "val_loss", "maxvio_global", "tokens_per_s", "mfu"):
+        if k in summary:
+            v = summary[k]
+            table.add_row(k, f"{v:,.4f}" if isinstance(v, float) else str(v))
+    table.add_row("time", f"{time.time() - t_start:.0f} s")
+    console.print(table)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
