@@ -42,6 +42,8 @@ Design notes, each choice with its reason:
 - Balance state lives in buffers (bias, tokens_per_expert), the update is an explicit call
   from the training loop, and loads are counted only in training, summed over micro-batches
   and (via torch.distributed) over ranks, so the update sees the whole optimizer step.
+  Do not wrap an MoE layer in activation checkpointing: the recompute would count its tokens
+  twice, and near-ties in the router can flip between the two passes (trap 12).
 """
 import math
 from dataclasses import dataclass

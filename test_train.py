@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import train
 from model import GPT, GPTConfig, presets
-from moe import MLP, MoE, MoEConfig, update_bias
+from moe import MLP, MoE, MoEConfig, max_vio, update_bias
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -233,3 +233,43 @@ def test_torchrun_two_ranks_trains(tmp_path, text_file):
     assert [r["iter"] for r in rows if "loss" in r] == [2, 4]
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
     assert len(ckpt["data_rng"]) == 2
+
+
+def _train_arm(arm, steps=200, seed=0, skew=0.5):
+    """Tiny GPT, router skewed at start toward the first K experts; returns MaxVio over the
+    loads of the last 50 steps (mean over MoE layers)."""
+    gamma, alpha, scope = train.arms[arm]
+    model = tiny_model(bias_update_speed=gamma, seq_aux_alpha=alpha, aux_scope=scope)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    gen = torch.Generator().manual_seed(seed)
+    corpus = torch.tensor(list(b"def f(x):\n    return x * 2 + 1\n" * 200))
+    inputs = []
+    hooks = [m.gate.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for m in moes]
+    model(train.get_batch(corpus, gen, 8, 32, "cpu")[0])
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():  # skew: the first K experts' router rows point along the mean input
+        for m, x in zip(moes, inputs):
+            u = x.mean(0) / x.mean(0).norm()
+            m.gate.weight[: m.cfg.n_activated_experts] += skew * u
+            m.tokens_per_expert.zero_()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    recent = []
+    for step in range(steps):
+        x, y = train.get_batch(corpus, gen, 8, 32, "cpu")
+        model(x, y)[1].backward()
+        opt.step()
+        opt.zero_grad()
+        loads = update_bias(model)
+        if step == 0:
+            start = max_vio(loads).mean().item()
+        if step >= steps - 50:
+            recent.append(loads)
+    return max_vio(torch.stack(recent).sum(0)).mean().item(), start
+
+
+def test_bias_arm_balances_a_skewed_router():
+    vio_none, start_none = _train_arm("none")
+    vio_bias, _ = _train_arm("bias")
+    assert start_none > 1.0  # the skew took: most tokens go to the same experts
+    assert vio_bias < 0.5 * vio_none, (vio_bias, vio_none)

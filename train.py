@@ -80,6 +80,12 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
               "A10G": 70e12, "4090": 165e12, "3090": 71e12}  # dense bf16, per GPU
 
 
+def default_settings():
+    """The module-level settings above, by name."""
+    return {k: v for k, v in globals().items()
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
+
 def parse_overrides(argv, settings):
     """--key=value (or a bare --flag for booleans) -> dict of typed values; refuse unknown keys."""
     given = {}
@@ -237,8 +243,7 @@ def lr_at(it, decay_iters):
 
 
 def main():
-    settings = {k: v for k, v in globals().items()
-                if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    settings = default_settings()
     given = parse_overrides(sys.argv[1:], settings)
     globals().update(given)
     if balance not in arms:
@@ -360,11 +365,12 @@ def main():
     it_log = start_it = it
     with progress:
         while True:
-            if it % eval_interval == 0 and it > 0 or it == max_iters:
+            if it % eval_interval == 0 and it > start_it or it == max_iters:
                 val_loss, val_loads = evaluate(raw_model, splits["val"], B, L, dev, ctx,
                                                eval_iters, seed)
                 mv_global = max_vio(val_loads).mean().item()
-                record({"iter": it, "val_loss": val_loss, "maxvio_global": mv_global})
+                record({"iter": it, "val_loss": val_loss, "maxvio_global": mv_global,
+                        "loads": val_loads.tolist()})
                 summary.update(val_loss=val_loss, maxvio_global=mv_global)
                 if master and len(val_loads):
                     title = f"expert load / mean at iter {it} (val set)"
