@@ -10,6 +10,7 @@ Each arm is a normal train.py run in out_dir/<arm>/ (logs, checkpoint, heatmaps)
 goes to the terminal and to out_dir/study.json and out_dir/study.md, the final val-set expert
 loads of every arm to out_dir/study_heatmaps.svg.
 """
+import io
 import json
 import os
 import subprocess
@@ -87,7 +88,7 @@ def main():
                       f"{r['maxvio_batch']:.3f}", f"{floor:.3f}", str(r["dead_experts"]),
                       f"{r['tokens_per_s']:,.0f}")
     console.print(table)
-    rec = Console(record=True, width=120, file=open(os.devnull, "w"))
+    rec = Console(record=True, width=120, file=io.StringIO())
     for r in results:
         hm = heatmap(torch.tensor(r.pop("loads")), f"{r['arm']}: val-set expert load / mean")
         console.print(hm)

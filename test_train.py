@@ -181,6 +181,14 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, text_file):
     assert len(losses(full)) == 12
 
 
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, text_file):
+    run_train(tmp_path, f"--data={text_file}", "--max_iters=2", "--eval_interval=2")
+    with pytest.raises(AssertionError, match="is nan at iter"):  # lr 1e30 blows the weights up
+        run_train(tmp_path, f"--data={text_file}", "--max_iters=10", "--eval_interval=2",
+                  "--init_from=resume", "--learning_rate=1e30", "--warmup_iters=1")
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter"] == 2
+
+
 def test_sample_from_checkpoint(tmp_path, text_file):
     run_train(tmp_path, f"--data={text_file}", "--max_iters=4", "--eval_interval=4")
     res = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path}",

@@ -13,6 +13,7 @@ Every setting below can be overridden with --key=value. After each optimizer ste
 biases are updated in place from the loads of the whole step (all micro-batches, all ranks).
 """
 import glob
+import io
 import json
 import math
 import mmap
@@ -201,7 +202,14 @@ def heatmap(loads, title):
     return table
 
 
-def decode(ids, vocab):
+@torch.no_grad()
+def sample_text(model, text, n_tokens, dev):
+    """Continue `text` (bytes vocab) or token 0 (other vocabs: shown as token ids)."""
+    model.eval()
+    vocab = model.cfg.vocab_size
+    idx = torch.tensor([list(text.encode()) if vocab == 256 else [0]], device=dev)
+    ids = model.generate(idx, n_tokens, temperature, top_k)[0].tolist()
+    model.train()
     return bytes(ids).decode("utf-8", errors="replace") if vocab == 256 else str(ids)
 
 
@@ -291,11 +299,7 @@ def main():
         model.load_state_dict(ckpt["model"])
 
     if sample:
-        model.eval()
-        idx = torch.tensor([list(prompt.encode())], device=dev) if cfg.vocab_size == 256 \
-            else torch.zeros(1, 1, dtype=torch.long, device=dev)
-        out = model.generate(idx, max_new_tokens, temperature, top_k)[0].tolist()
-        print(decode(out, cfg.vocab_size))
+        print(sample_text(model, prompt, max_new_tokens, dev))
         return
 
     splits = load_data(data, os.path.join(out_dir, "cache"))
@@ -331,6 +335,11 @@ def main():
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "iter": it, "config": config, "model_cfg": asdict(cfg),
                 "rng": torch.get_rng_state(), "data_rng": states})
+
+    def nonfinite(what, value):
+        console.print(f"[red]{what} is {value} at iter {it}: stopping. The last good checkpoint, "
+                      f"{ckpt_path}, is untouched; try a lower learning_rate.")
+        sys.exit(1)
 
     stop = []  # Ctrl-C finishes the current step, saves, and exits; a second one aborts
     def on_sigint(*_):
@@ -368,6 +377,8 @@ def main():
             if it % eval_interval == 0 and it > start_it or it == max_iters:
                 val_loss, val_loads = evaluate(raw_model, splits["val"], B, L, dev, ctx,
                                                eval_iters, seed)
+                if not math.isfinite(val_loss):
+                    nonfinite("val loss", val_loss)
                 mv_global = max_vio(val_loads).mean().item()
                 record({"iter": it, "val_loss": val_loss, "maxvio_global": mv_global,
                         "loads": val_loads.tolist()})
@@ -376,15 +387,10 @@ def main():
                     title = f"expert load / mean at iter {it} (val set)"
                     progress.console.print(heatmap(val_loads, title))
                     if heatmap_svg:
-                        rec = Console(record=True, width=120, file=open(os.devnull, "w"))
+                        rec = Console(record=True, width=120, file=io.StringIO())
                         rec.print(heatmap(val_loads, title))
                         rec.save_svg(os.path.join(out_dir, f"heatmap_{it:06d}.svg"), title=title)
-                raw_model.eval()
-                idx = torch.tensor([list(prompt.encode())] if cfg.vocab_size == 256 else [[0]],
-                                   device=dev)
-                text = decode(raw_model.generate(idx, 200, temperature, top_k)[0].tolist(),
-                              cfg.vocab_size)
-                raw_model.train()
+                text = sample_text(raw_model, prompt, 200, dev)
                 progress.console.print(f"[bold]iter {it}[/]: val loss {val_loss:.4f}, "
                                        f"MaxVio_global {mv_global:.3f}\n[dim]{escape(text)}[/]")
                 checkpoint()
@@ -402,9 +408,7 @@ def main():
                 (loss / accum).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             if not torch.isfinite(loss):
-                console.print(f"[red]loss is {loss.item()} at iter {it}: stopping. The last good "
-                              f"checkpoint, {ckpt_path}, is untouched.")
-                sys.exit(1)
+                nonfinite("loss", loss.item())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             frozen = it >= (1 - bias_freeze_frac) * max_iters
@@ -427,10 +431,8 @@ def main():
                     f"{tok_s:,.0f} tok/s MFU {mfu} MaxVio {row['maxvio_batch']:.2f}"))
                 t_log, it_log = time.time(), it
             progress.update(task, completed=it)
-            if ddp and stop:
-                stop[:] = [True]
-            flag = torch.tensor([float(bool(stop))])
-            if ddp:
+            flag = torch.tensor([float(bool(stop))], device=dev)
+            if ddp:  # every rank stops at the same step, or the others would hang
                 dist.all_reduce(flag)
             if flag.item():
                 checkpoint()
