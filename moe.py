@@ -37,6 +37,12 @@ Design notes, each choice with its reason:
   releases. `grouped_mm` below is the one place that chooses: native where it works, else a
   small custom op (opaque to the compiler, with a fake implementation for shapes) that falls
   back to a per-expert loop. Same math, same graph, no crash in float32.
+- Measured (bench.py, 2 CPU cores, Moonlight's layer at 1/4 width, 4k tokens, bf16): compiled
+  grouped forward+backward runs at 0.67-0.71 of the same matmuls done dense, 2.3x the eager
+  loop. Profile: grouped matmuls 66%, shared and router matmuls 19%, gather/scatter 5-9%,
+  other elementwise 3-5%, topk and sort 1-2%. A fused inverse-permutation combine, w1 and w3
+  in one matrix, and a gather+sum backward for the dispatch were timed and none won, so the
+  simplest form stayed.
 - Dispatch "loop": the per-expert Python loop of the official inference code, kept because
   it is the easiest thing to read; it is the oracle in the tests and the bench baseline.
 - Balance state lives in buffers (bias, tokens_per_expert), the update is an explicit call
@@ -45,7 +51,6 @@ Design notes, each choice with its reason:
   Do not wrap an MoE layer in activation checkpointing: the recompute would count its tokens
   twice, and near-ties in the router can flip between the two passes (trap 12).
 """
-import math
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +71,7 @@ class MoEConfig:
     route_scale: float = 1.0         # V3 671B uses 2.5
     bias_update_speed: float = 1e-3  # gamma [LF, V3]
     seq_aux_alpha: float = 1e-4      # alpha of the sequence-wise balance loss [V3]
-    aux_scope: str = "sequence"      # "sequence" (V3 eq. 17-20) or "batch" (V3 4.5.3)
+    aux_scope: str = "sequence"      # "sequence" (V3 eq. 17-20) or "batch": one forward's tokens
     dispatch: str = "grouped"        # "grouped" (sorted tokens + grouped GEMM) or "loop"
 
     def __post_init__(self):
@@ -111,10 +116,14 @@ def _grouped_mm_loop(x, w, offs):
     return out
 
 
+# public in torch.nn.functional since 2.10; the same kernel was torch._grouped_mm before
+_native_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
 def _native_or_loop(x, w, offs):
-    if hasattr(F, "grouped_mm"):
+    if _native_grouped_mm is not None:
         try:
-            return F.grouped_mm(x, w, offs=offs)
+            return _native_grouped_mm(x, w, offs=offs)
         except RuntimeError:  # dtype or device the native kernel does not take
             pass
     return _grouped_mm_loop(x, w, offs)
@@ -164,8 +173,8 @@ _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """(R, D) rows sorted by group, (G, D, H) weights, (G,) int32 segment ends -> (R, H)."""
-    if x.dtype == torch.bfloat16 and hasattr(F, "grouped_mm"):
-        return F.grouped_mm(x, w, offs=offs)  # native, differentiable, compiles
+    if x.dtype == torch.bfloat16 and _native_grouped_mm is not None:
+        return _native_grouped_mm(x, w, offs=offs)  # native, differentiable, compiles
     return _grouped_mm_op(x, w, offs)
 
 
@@ -288,7 +297,8 @@ class MoE(nn.Module):
         return y.to(out.dtype)
 
     def _loop(self, x, weights, indices):
-        """The per-expert loop of the official inference code. Readable, not compilable."""
+        """The per-expert loop of the official inference code: readable, but its shapes depend
+        on the routing, so it compiles only with graph breaks (and recompiles)."""
         w1, w3, w2 = self._expert_weights(_compute_dtype(x))
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         for e in range(self.cfg.n_routed_experts):
@@ -317,12 +327,13 @@ class MoE(nn.Module):
         """b += gamma * sign(mean load - load) [LF Alg. 1], then zero the counts.
 
         load defaults to this layer's tokens_per_expert; update_bias(model) passes the sum
-        over ranks. Returns the float64 load it used. Call once per optimizer step."""
+        over ranks. Returns the load it used (E,) float64 and its MaxVio (). Call once per
+        optimizer step."""
         gamma = self.cfg.bias_update_speed if gamma is None else gamma
         load = (self.tokens_per_expert if load is None else load).double()
         self.gate.bias += gamma * torch.sign(load.mean() - load).float()
         self.tokens_per_expert.zero_()
-        return load
+        return load, max_vio(load)
 
 
 def max_vio(load: torch.Tensor) -> torch.Tensor:
@@ -344,4 +355,4 @@ def update_bias(model: nn.Module, gamma: float | None = None) -> torch.Tensor:
     load = torch.stack([m.tokens_per_expert for m in layers])               # (n_layers, E)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(load)
-    return torch.stack([m.update_bias(gamma, l) for m, l in zip(layers, load)])
+    return torch.stack([m.update_bias(gamma, l)[0] for m, l in zip(layers, load)])

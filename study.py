@@ -26,10 +26,12 @@ from model import presets
 from moe import max_vio
 from train import arms, default_settings, heatmap, parse_overrides
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 # per scale: the train.py settings every arm shares
 scales = {
-    "cpu": dict(preset="cpu", max_iters=300, eval_interval=300, eval_iters=40, log_interval=10,
-                batch_size=16, warmup_iters=30),
+    "cpu": dict(preset="cpu", max_iters=600, eval_interval=600, eval_iters=40, log_interval=10,
+                batch_size=8, warmup_iters=30),
     "gpu": dict(preset="gpu", device="cuda", max_iters=3000, eval_interval=1000, eval_iters=100,
                 log_interval=50, batch_size=32, learning_rate=1e-3, min_lr=1e-4, warmup_iters=200),
 }
@@ -62,12 +64,13 @@ def main():
     results = []
     for arm in chosen:
         out = os.path.join(args["out_dir"], arm)
-        cmd = [sys.executable, "train.py", f"--balance={arm}", f"--out_dir={out}",
+        cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--balance={arm}",
+               f"--out_dir={out}",
                *[f"--{k}={v}" for k, v in settings.items()]]
         console.rule(f"[bold]{arm}[/]: {' '.join(cmd[2:])}")
         if os.path.exists(os.path.join(out, "log.jsonl")):
             os.remove(os.path.join(out, "log.jsonl"))  # a fresh run, a fresh log
-        if subprocess.run(cmd, cwd=os.path.dirname(os.path.abspath(__file__))).returncode:
+        if subprocess.run(cmd).returncode:
             sys.exit(f"arm {arm} failed; its output is above")
         rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         results.append(summarise(arm, rows, settings))

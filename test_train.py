@@ -281,3 +281,18 @@ def test_bias_arm_balances_a_skewed_router():
     vio_bias, _ = _train_arm("bias")
     assert start_none > 1.0  # the skew took: most tokens go to the same experts
     assert vio_bias < 0.5 * vio_none, (vio_bias, vio_none)
+
+
+def test_bench_tiny_preset_writes_its_rows(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--preset=tiny",
+                          f"--json={out}"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {"device", "torch", "date"} <= report.keys()
+    rows = report["rows"]
+    assert {r["dispatch"] for r in rows} == {"ceiling", "loop", "grouped"}
+    assert {r["pass"] for r in rows} == {"fwd", "fwd+bwd", "train"}
+    for r in rows:
+        assert {"case", "dispatch", "mode", "pass", "ms", "tokens_per_s", "tflops",
+                "ceiling_ratio"} <= r.keys() and r["ms"] > 0

@@ -73,12 +73,13 @@ temperature = 0.8
 top_k = 40
 heatmap_svg = True           # also save each eval's expert-load heatmap as out_dir/*.svg
 
-# arm: (bias_update_speed, seq_aux_alpha, aux_scope)
-arms = {"none": (0.0, 0.0, "sequence"), "aux": (0.0, 1e-3, "sequence"),
-        "aux_batch": (0.0, 1e-3, "batch"), "bias": (1e-3, 0.0, "sequence"),
-        "v3": (1e-3, 1e-4, "sequence")}
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
-              "A10G": 70e12, "4090": 165e12, "3090": 71e12}  # dense bf16, per GPU
+arms_keys = ("bias_update_speed", "seq_aux_alpha", "aux_scope")
+arms = {  # balancing arm: values of arms_keys
+    "none": (0.0, 0.0, "sequence"), "aux": (0.0, 1e-3, "sequence"),
+    "aux_batch": (0.0, 1e-3, "batch"), "bias": (1e-3, 0.0, "sequence"),
+    "v3": (1e-3, 1e-4, "sequence")}
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12,
+              "L4": 121e12, "A10G": 70e12, "4090": 165e12, "3090": 71e12}  # dense bf16; first match
 
 
 def default_settings():
@@ -126,8 +127,9 @@ def stdlib_tokens(cache_dir):
     splits = {k: torch.frombuffer(bytearray(b"\n".join(v)), dtype=torch.uint8)
               for k, v in parts.items()}
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save(splits, cache + ".tmp")
-    os.replace(cache + ".tmp", cache)
+    tmp = f"{cache}.{os.getpid()}.tmp"  # one per process: torchrun ranks may build it at once
+    torch.save(splits, tmp)
+    os.replace(tmp, cache)
     return splits
 
 
@@ -145,10 +147,10 @@ def text_tokens(path):
 
 def read_shard(path):
     """One llm.c / modded-nanogpt shard: 256 int32 header (magic 20240520), then uint16 tokens."""
+    if os.path.getsize(path) < 1024:
+        sys.exit(f"{path}: {os.path.getsize(path)} bytes, too short for the 1024-byte header")
     with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # lazy, copy-on-write
-    if len(m) < 1024:
-        sys.exit(f"{path}: {len(m)} bytes, too short for the 1024-byte header")
+        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # no copy until bin_tokens cats
     header = torch.frombuffer(m, dtype=torch.int32, count=256)
     if header[0] != 20240520:
         sys.exit(f"{path}: magic {int(header[0])} is not 20240520; not an llm.c .bin shard")
@@ -159,6 +161,7 @@ def read_shard(path):
 
 
 def bin_tokens(pattern):
+    """Shards matching pattern, concatenated in memory (2 bytes a token); "val" in a name: val."""
     files = sorted(glob.glob(pattern))
     if not files:
         sys.exit(f"data={pattern!r} matches no files")
@@ -168,20 +171,24 @@ def bin_tokens(pattern):
             "val": torch.cat([read_shard(f) for f in val])}
 
 
-def load_data(spec, cache_dir):
+def load_data(spec, cache_dir, block):
     if spec == "stdlib":
-        return stdlib_tokens(cache_dir)
-    if spec.endswith(".bin"):
-        return bin_tokens(spec)
-    if not os.path.exists(spec):
+        splits = stdlib_tokens(cache_dir)
+    elif spec.endswith(".bin"):
+        splits = bin_tokens(spec)
+    elif os.path.exists(spec):
+        splits = text_tokens(spec)
+    else:
         sys.exit(f"data={spec!r}: no such file or folder")
-    return text_tokens(spec)
+    for name, tokens in splits.items():  # fail now, not at the first eval
+        if len(tokens) <= block + 1:
+            sys.exit(f"data={spec!r}: the {name} split holds {len(tokens)} tokens, too few "
+                     f"for block_size={block}")
+    return splits
 
 
 def get_batch(tokens, gen, B, L, dev):
     """B random windows of L+1 tokens; gen makes the sequence of batches reproducible."""
-    if len(tokens) <= L + 1:
-        sys.exit(f"split of {len(tokens)} tokens is too short for block_size={L}")
     i = torch.randint(len(tokens) - L - 1, (B,), generator=gen)
     xy = torch.stack([tokens[j:j + L + 1] for j in i.tolist()]).long().to(dev)
     return xy[:, :-1], xy[:, 1:]
@@ -205,19 +212,17 @@ def heatmap(loads, title):
 @torch.no_grad()
 def sample_text(model, text, n_tokens, dev):
     """Continue `text` (bytes vocab) or token 0 (other vocabs: shown as token ids)."""
-    model.eval()
     vocab = model.cfg.vocab_size
     idx = torch.tensor([list(text.encode()) if vocab == 256 else [0]], device=dev)
     ids = model.generate(idx, n_tokens, temperature, top_k)[0].tolist()
-    model.train()
     return bytes(ids).decode("utf-8", errors="replace") if vocab == 256 else str(ids)
 
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model, tokens, B, L, dev, ctx, iters, seed):
-    """Val loss and per-layer expert loads over fixed val batches. Counting happens in
-    forward hooks on the gates, so the training counts (and the bias) never see val data."""
+    """Val loss and per-layer expert loads over fixed val batches. The model is in eval mode,
+    so its own counts (and the bias) never see val data; hooks on the gates count instead."""
     gates = [m.gate for m in model.modules() if isinstance(m, MoE)]
     loads = torch.zeros(len(gates), gates[0].cfg.n_routed_experts if gates else 0)
     def count(i, out):  # out = (weights, indices, scores) of gate i
@@ -256,7 +261,7 @@ def main():
     globals().update(given)
     if balance not in arms:
         sys.exit(f"--balance={balance!r}: expected one of {', '.join(arms)}")
-    for key, value in zip(("bias_update_speed", "seq_aux_alpha", "aux_scope"), arms[balance]):
+    for key, value in zip(arms_keys, arms[balance]):
         if key not in given:
             globals()[key] = value
     if preset not in presets:
@@ -292,8 +297,10 @@ def main():
                   vocab_size=vocab_size or cfg.vocab_size,
                   moe=replace(cfg.moe, bias_update_speed=bias_update_speed,
                               seq_aux_alpha=seq_aux_alpha, aux_scope=aux_scope))
-    if ckpt is not None:
-        cfg = replace(cfg, **{**ckpt["model_cfg"], "moe": replace(cfg.moe, **ckpt["model_cfg"]["moe"])})
+    if ckpt is not None:  # the checkpoint's shapes; balancing as set now
+        saved = ckpt["model_cfg"]
+        cfg = replace(cfg, **{**saved, "moe": replace(cfg.moe, **{
+            **saved["moe"], **{k: getattr(cfg.moe, k) for k in arms_keys}})})
     model = GPT(cfg).to(dev)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -302,7 +309,7 @@ def main():
         print(sample_text(model, prompt, max_new_tokens, dev))
         return
 
-    splits = load_data(data, os.path.join(out_dir, "cache"))
+    splits = load_data(data, os.path.join(out_dir, "cache"), cfg.block_size)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
@@ -336,7 +343,7 @@ def main():
                 "iter": it, "config": config, "model_cfg": asdict(cfg),
                 "rng": torch.get_rng_state(), "data_rng": states})
 
-    def nonfinite(what, value):
+    def nonfinite(what, value):  # before optimizer.step: the weights are still good
         console.print(f"[red]{what} is {value} at iter {it}: stopping. The last good checkpoint, "
                       f"{ckpt_path}, is untouched; try a lower learning_rate.")
         sys.exit(1)
@@ -348,7 +355,7 @@ def main():
         stop.append(True)
     signal.signal(signal.SIGINT, on_sigint)
 
-    log = open(os.path.join(out_dir, "log.jsonl"), "a") if master else None
+    log = open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt else "w") if master else None
     def record(row):
         if log:
             log.write(json.dumps(row) + "\n")
@@ -374,7 +381,7 @@ def main():
     it_log = start_it = it
     with progress:
         while True:
-            if it % eval_interval == 0 and it > start_it or it == max_iters:
+            if (it % eval_interval == 0 and it > start_it) or it == max_iters:
                 val_loss, val_loads = evaluate(raw_model, splits["val"], B, L, dev, ctx,
                                                eval_iters, seed)
                 if not math.isfinite(val_loss):
@@ -385,10 +392,10 @@ def main():
                 summary.update(val_loss=val_loss, maxvio_global=mv_global)
                 if master and len(val_loads):
                     title = f"expert load / mean at iter {it} (val set)"
-                    progress.console.print(heatmap(val_loads, title))
+                    progress.console.print(hm := heatmap(val_loads, title))
                     if heatmap_svg:
                         rec = Console(record=True, width=120, file=io.StringIO())
-                        rec.print(heatmap(val_loads, title))
+                        rec.print(hm)
                         rec.save_svg(os.path.join(out_dir, f"heatmap_{it:06d}.svg"), title=title)
                 text = sample_text(raw_model, prompt, 200, dev)
                 progress.console.print(f"[bold]iter {it}[/]: val loss {val_loss:.4f}, "
@@ -406,9 +413,15 @@ def main():
                 with ctx:
                     _, loss, aux = fwd(x, y)
                 (loss / accum).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if not torch.isfinite(loss):
-                nonfinite("loss", loss.item())
+            # the grad norm covers every micro-batch and, after DDP's all-reduce, every rank
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            flag = torch.stack([torch.isfinite(norm).logical_not(),
+                                torch.tensor(bool(stop), device=norm.device)]).float()
+            if ddp:  # every rank stops at the same step, or the others would hang
+                dist.all_reduce(flag)
+            bad, interrupted = flag.tolist()  # one host sync a step
+            if bad:
+                nonfinite("loss or gradient", f"{loss.item()} / {norm.item()}")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             frozen = it >= (1 - bias_freeze_frac) * max_iters
@@ -431,10 +444,7 @@ def main():
                     f"{tok_s:,.0f} tok/s MFU {mfu} MaxVio {row['maxvio_batch']:.2f}"))
                 t_log, it_log = time.time(), it
             progress.update(task, completed=it)
-            flag = torch.tensor([float(bool(stop))], device=dev)
-            if ddp:  # every rank stops at the same step, or the others would hang
-                dist.all_reduce(flag)
-            if flag.item():
+            if interrupted:
                 checkpoint()
                 console.print(f"interrupted at iter {it}; saved {ckpt_path}. "
                               "Continue with --init_from=resume")
