@@ -346,20 +346,22 @@ def test_update_bias_of_a_model_updates_every_moe_layer():
         torch.testing.assert_close(moe.gate.bias, step, rtol=0, atol=1e-7)
 
 
-def simulate_router_balancing(flip_sign, skew=0.1, steps=100, gamma=1e-2):
-    """Train only the balancing bias of a router skewed towards experts 0 and 1; MaxVio per step."""
+def simulate_router_balancing(flip_sign, skew=0.1, steps=100, gamma=1e-2, balance_first=0):
+    """Train only the balancing bias of a router skewed towards experts 0 and 1, optionally
+    after balance_first steps of the correct update; MaxVio at the start and at the end."""
     moe = make_moe(n_expert_groups=1, n_limited_groups=1, n_shared_experts=0).train()
     with torch.no_grad():
         moe.gate.weight[:2] += skew                # inputs have mean 1: experts 0, 1 dominate
     vios = []
-    for _ in range(steps):
+    for step in range(balance_first + steps):
         with torch.no_grad():
             moe(torch.randn(2, 32, D) + 1)
         before = moe.gate.bias.clone()
         vios.append(moe.update_bias(gamma)[1].item())
-        if flip_sign:  # the shipped trap: b += gamma * sign(load - mean)
+        if flip_sign and step >= balance_first:  # the shipped trap: b += gamma * sign(load - mean)
             moe.gate.bias -= 2 * (moe.gate.bias - before)
-    return vios[0], sum(vios[-20:]) / 20
+    start = sum(vios[balance_first - 20:balance_first]) / 20 if balance_first else vios[0]
+    return start, sum(vios[-20:]) / 20
 
 
 def test_bias_update_balances_a_skewed_router():
@@ -369,7 +371,9 @@ def test_bias_update_balances_a_skewed_router():
 
 
 def test_flipped_sign_bias_update_drives_maxvio_up():
-    start, end = simulate_router_balancing(flip_sign=True, skew=0.01)   # mildly skewed start
+    # negative control: balance first, then flip the sign; the router must collapse again
+    start, end = simulate_router_balancing(flip_sign=True, balance_first=100)
+    assert start < 1.0, "the correct update must have balanced the router first"
     assert end > start + 1.0, (start, end)
 
 
