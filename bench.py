@@ -43,7 +43,7 @@ from rich.table import Table
 
 from model import GPT, presets as model_presets
 from moe import MoE, MoEConfig, max_vio, update_bias
-from train import parse_overrides
+from train import default_settings, parse_overrides
 
 # ----------------------------------------------------------------------------- settings
 preset = ""                  # "" = "gpu" on a GPU, else "cpu"; a key of `presets`
@@ -84,8 +84,7 @@ layers = {  # MoEConfig fields; published shapes from shared/reference section 8
                n_activated_experts=8, n_shared_experts=1, n_expert_groups=8, n_limited_groups=4,
                route_scale=2.5),
 }
-_settings = {k: v for k, v in globals().items()
-             if not k.startswith("_") and isinstance(v, (int, float, str))}
+_settings = default_settings(globals())
 _progress = None  # main()'s progress bar
 
 

@@ -10,7 +10,6 @@ Each arm is a normal train.py run in out_dir/<arm>/ (logs, checkpoint, heatmaps)
 goes to the terminal and to out_dir/study.json and out_dir/study.md, the final val-set expert
 loads of every arm to out_dir/study_heatmaps.svg.
 """
-import io
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ from rich.table import Table
 
 from model import presets
 from moe import max_vio
-from train import arms, default_settings, heatmap, parse_overrides
+from train import arms, default_settings, heatmap, parse_overrides, save_svg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -91,12 +90,11 @@ def main():
                       f"{r['maxvio_batch']:.3f}", f"{floor:.3f}", str(r["dead_experts"]),
                       f"{r['tokens_per_s']:,.0f}")
     console.print(table)
-    rec = Console(record=True, width=120, file=io.StringIO())
-    for r in results:
-        hm = heatmap(torch.tensor(r.pop("loads")), f"{r['arm']}: val-set expert load / mean")
+    maps = [heatmap(torch.tensor(r.pop("loads")), f"{r['arm']}: val-set expert load / mean")
+            for r in results]
+    for hm in maps:
         console.print(hm)
-        rec.print(hm)
-    rec.save_svg(os.path.join(args["out_dir"], "study_heatmaps.svg"), title="balance study")
+    save_svg(maps, os.path.join(args["out_dir"], "study_heatmaps.svg"), "balance study")
     with open(os.path.join(args["out_dir"], "study.json"), "w") as f:
         json.dump({"settings": settings, "rows": results}, f, indent=1)
     with open(os.path.join(args["out_dir"], "study.md"), "w") as f:

@@ -82,9 +82,9 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L
               "L4": 121e12, "A10G": 70e12, "4090": 165e12, "3090": 71e12}  # dense bf16; first match
 
 
-def default_settings():
-    """The module-level settings above, by name."""
-    return {k: v for k, v in globals().items()
+def default_settings(namespace=None):
+    """The settings of a script (this one by default): its module-level plain values, by name."""
+    return {k: v for k, v in (namespace or globals()).items()
             if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
 
@@ -127,9 +127,7 @@ def stdlib_tokens(cache_dir):
     splits = {k: torch.frombuffer(bytearray(b"\n".join(v)), dtype=torch.uint8)
               for k, v in parts.items()}
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{cache}.{os.getpid()}.tmp"  # one per process: torchrun ranks may build it at once
-    torch.save(splits, tmp)
-    os.replace(tmp, cache)
+    atomic_save(splits, cache)
     return splits
 
 
@@ -241,10 +239,20 @@ def evaluate(model, tokens, B, L, dev, ctx, iters, seed):
     return total / iters, loads
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+def atomic_save(obj, path):
+    """Write to a temporary file, then rename: a crash never leaves a half-written file. One
+    temporary name per process, since torchrun ranks may write the same data cache at once."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_svg(renderables, path, title):
+    """What rich would print, as an SVG picture (for slides and the README)."""
+    rec = Console(record=True, width=120, file=io.StringIO())
+    for r in renderables:
+        rec.print(r)
+    rec.save_svg(path, title=title)
 
 
 def lr_at(it, decay_iters):
@@ -338,10 +346,10 @@ def main():
             states[0].copy_(state)
         states = [s.cpu() for s in states]
         if master:
-            save_checkpoint(ckpt_path, {
+            atomic_save({
                 "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                 "iter": it, "config": config, "model_cfg": asdict(cfg),
-                "rng": torch.get_rng_state(), "data_rng": states})
+                "rng": torch.get_rng_state(), "data_rng": states}, ckpt_path)
 
     def nonfinite(what, value):  # before optimizer.step: the weights are still good
         console.print(f"[red]{what} is {value} at iter {it}: stopping. The last good checkpoint, "
@@ -394,9 +402,7 @@ def main():
                     title = f"expert load / mean at iter {it} (val set)"
                     progress.console.print(hm := heatmap(val_loads, title))
                     if heatmap_svg:
-                        rec = Console(record=True, width=120, file=io.StringIO())
-                        rec.print(hm)
-                        rec.save_svg(os.path.join(out_dir, f"heatmap_{it:06d}.svg"), title=title)
+                        save_svg([hm], os.path.join(out_dir, f"heatmap_{it:06d}.svg"), title)
                 text = sample_text(raw_model, prompt, 200, dev)
                 progress.console.print(f"[bold]iter {it}[/]: val loss {val_loss:.4f}, "
                                        f"MaxVio_global {mv_global:.3f}\n[dim]{escape(text)}[/]")
