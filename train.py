@@ -108,6 +108,52 @@ def parse_overrides(argv, settings):
     return given
 
 
+def resolve_device(name):
+    """"auto" -> "cuda" when a GPU is usable, else "cpu". A device that is not there ends the
+    run with one line, not a stack trace from deep inside torch."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        sys.exit(f"--device={name!r}: not a device name (try cpu, cuda, cuda:1)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device={name}: no usable CUDA GPU here (torch {torch.__version__}, CUDA "
+                 f"build {torch.version.cuda or 'none'}); use --device=cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"--device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return name
+
+
+def cpu_has_bf16_matmul():
+    """True where the CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX, Arm BF16);
+    elsewhere bf16 matmuls are emulated and run several times slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: time one matmul in each dtype instead
+        a = torch.randn(512, 512)
+        def seconds(t):
+            t @ t
+            start = time.perf_counter()
+            for _ in range(5):
+                t @ t
+            return time.perf_counter() - start
+        return seconds(a.bfloat16()) < seconds(a)
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def auto_dtype(dev):
+    """The autocast dtype for dtype="auto" on device dev, and the reason, for the start-up line."""
+    if dev.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "this GPU has bf16 tensor cores"
+        return "float32", "this GPU has no bf16 support"
+    if cpu_has_bf16_matmul():
+        return "bfloat16", "this CPU has native bf16 matmuls"
+    return "float32", "this CPU has no native bf16 matmuls (bf16 would run ~3-4x slower)"
+
+
 # ----------------------------------------------------------------------------- data
 def stdlib_tokens(cache_dir):
     """Python's own standard library sources as bytes, split into train/val by file."""
