@@ -124,18 +124,27 @@ class GPT(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm = nn.RMSNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        cos, sin = rope_cache(cfg)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        half = cfg.n_embd // cfg.n_head // 2
+        self.register_buffer("rope_cos", torch.empty(cfg.block_size, half), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.block_size, half), persistent=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Normal(0, init_std) for every matrix; residual outputs scaled by 1/sqrt(2 n_layer)."""
+        """Every value from scratch: Normal(0, init_std) for every matrix, residual outputs
+        scaled by 1/sqrt(2 n_layer); RMSNorm weights 1; router biases and counts 0; the rotary
+        tables. A model built under torch.device("meta") gets its values this way after
+        to_empty(device=...)."""
+        for m in self.modules():
+            if isinstance(m, (nn.RMSNorm, MoE)):
+                m.reset_parameters()
+        cos, sin = rope_cache(self.cfg)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() < 2:
-                continue  # RMSNorm weights stay at 1
+                continue
             out_proj = name.endswith(("wo.weight", "w2.weight", "experts.w2"))
             nn.init.normal_(p, std=std / math.sqrt(2 * self.cfg.n_layer) if out_proj else std)
 

@@ -14,42 +14,40 @@ Math ([V3] = DeepSeek-V3 report, [LF] = aux-loss-free paper; see shared/referenc
     b_i    += gamma * sign(mean load - load_i), after each optimizer step  [LF Alg. 1]
     L_bal   = alpha * sum_i f_i P_i, per sequence, averaged     [V3 eq. 17-20]
 
+Router families, by config (all take the bias, groups and balance loss alike):
+    score_func  norm_topk_prob  groups rule (G > 1)     reproduces
+    sigmoid     None (= True)   sum of top-2 per group  DeepSeek-V3 (route_scale 2.5, G=8, M=4)
+    softmax     None (= False)  best score per group    DeepSeek-V2 / V2-Lite, DeepSeekMoE
+    softmax     True            -                       Qwen3-MoE, Mixtral, OLMoE (G=1, no shared)
+
 Design notes, each choice with its reason:
-- Sigmoid affinities normalised over the picks (V3), not softmax over all experts: the
-  scores of experts are independent, so the bias can shift one expert without moving the
-  others. score_func="softmax" reproduces DeepSeek-V2 (no renormalisation).
-- The bias only decides WHO is picked; gate values use the unbiased scores. Otherwise the
-  balancer would also change how much each expert contributes (trap 1 of the reference).
-- Router math in float32, bias a float32 buffer that stays float32 when the module is cast:
-  bf16 cannot hold 1e-3 steps on top of a bias of order 1 (trap 3). Autocast is switched off
-  inside the gate for the same reason.
+- Sigmoid scores (V3) are independent per expert, so the bias can shift one expert without
+  moving the others. The bias only decides WHO is picked; gate values use the unbiased
+  scores, or the balancer would also change how much each expert contributes (trap 1).
+- Router math in float32, and the bias a float32 buffer that stays float32 (and exact) when
+  the module is cast or loaded: bf16 cannot hold 1e-3 steps on a bias of order 1 (trap 3).
 - Excluded groups are masked with -inf, never 0: with negative biases a 0 would win (trap 2).
-- Dropless: every token gets exactly K experts, so there is no capacity factor and the
-  number of routed rows is always T*K. That is what makes the shapes static.
+- Top-1 with renormalisation is refused: every gate value would be route_scale, so the LM
+  loss would never reach the router.
+- Dropless: every token gets exactly K experts, so there are always T*K routed rows, no
+  capacity factor, static shapes, and no grouped-GEMM row left uninitialised (trap 9).
 - Dispatch "grouped": stable-sort the T*K (token, expert) pairs by expert, gather the rows,
-  and run ONE grouped matmul per projection over contiguous per-expert segments whose int32
-  ends come from on-device counts. No .item(), no nonzero, no Python loop over experts: the
-  forward and backward compile to one graph that does not change when routing does.
-  The routed rows are exactly T*K, so no grouped-GEMM row is ever left uninitialised (trap 9).
-- Grouped GEMM ignores autocast (trap 11): the layer casts to the autocast dtype itself, so
-  fp32 master weights train in bf16 like every other matmul under autocast.
-- torch's native grouped matmul is bf16-only under torch.compile and missing from older
-  releases. `grouped_mm` below is the one place that chooses: native where it works, else a
-  small custom op (opaque to the compiler, with a fake implementation for shapes) that falls
-  back to a per-expert loop. Same math, same graph, no crash in float32.
+  and run ONE grouped matmul per projection over per-expert segments whose int32 ends come
+  from on-device counts. No .item(), nonzero or Python loop over experts: forward and
+  backward compile to one graph that does not change when routing does.
+- Grouped GEMM ignores autocast (trap 11): the layer casts to the autocast dtype itself.
+  torch's native grouped matmul is bf16-only under compile; `grouped_mm` is the one place
+  that chooses: native where it works, else a small custom op with a per-expert loop.
 - Measured (bench.py, 2 CPU cores, Moonlight's layer at 1/4 width, 4k tokens, bf16): compiled
   grouped forward+backward runs at 0.67-0.71 of the same matmuls done dense, 2.3x the eager
-  loop. Profile: grouped matmuls 66%, shared and router matmuls 19%, gather/scatter 5-9%,
-  other elementwise 3-5%, topk and sort 1-2%. A fused inverse-permutation combine, w1 and w3
-  in one matrix, and a gather+sum backward for the dispatch were timed and none won, so the
-  simplest form stayed.
-- Dispatch "loop": the per-expert Python loop of the official inference code, kept because
-  it is the easiest thing to read; it is the oracle in the tests and the bench baseline.
-- Balance state lives in buffers (bias, tokens_per_expert), the update is an explicit call
-  from the training loop, and loads are counted only in training, summed over micro-batches
-  and (via torch.distributed) over ranks, so the update sees the whole optimizer step.
-  Do not wrap an MoE layer in activation checkpointing: the recompute would count its tokens
-  twice, and near-ties in the router can flip between the two passes (trap 12).
+  loop; grouped matmuls take 66% of its time, gather/scatter 5-9%. A fused inverse-permutation
+  combine, w1 and w3 in one matrix, and a gather+sum dispatch backward did not win.
+- Dispatch "loop": the per-expert loop of the official inference code, the easiest thing to
+  read; the oracle in the tests and the bench baseline.
+- Balance state lives in buffers (bias, tokens_per_expert); the update is an explicit call
+  from the training loop. Loads are counted only in training, summed over micro-batches and
+  ranks, and not again when activation checkpointing re-runs the forward in the backward
+  (but a recompute can flip a near-tie in the router: trap 12).
 """
 from dataclasses import dataclass
 
@@ -67,7 +65,8 @@ class MoEConfig:
     n_shared_experts: int = 1        # shared experts, fused into one MLP of width n*H
     n_expert_groups: int = 1         # G groups of experts (V3: 8, one per node)
     n_limited_groups: int = 1        # M groups a token may use (V3: 4)
-    score_func: str = "sigmoid"      # "sigmoid" (V3) or "softmax" (V2, no renormalisation)
+    score_func: str = "sigmoid"      # "sigmoid" (V3) or "softmax" (V2, Qwen3-MoE, Mixtral)
+    norm_topk_prob: bool | None = None  # renormalise over the picks; None: sigmoid yes, softmax no
     route_scale: float = 1.0         # V3 671B uses 2.5
     bias_update_speed: float = 1e-3  # gamma [LF, V3]
     seq_aux_alpha: float = 1e-4      # alpha of the sequence-wise balance loss [V3]
@@ -99,39 +98,29 @@ class MoEConfig:
             if getattr(self, name) % 8:
                 bad(f"{name}={getattr(self, name)} must be a multiple of 8 for grouped GEMM")
         for name, ok in (("score_func", ("sigmoid", "softmax")), ("dispatch", ("grouped", "loop")),
-                         ("aux_scope", ("sequence", "batch"))):
+                         ("aux_scope", ("sequence", "batch")), ("norm_topk_prob", (None, True, False))):
             if getattr(self, name) not in ok:
                 bad(f"{name}={getattr(self, name)!r} is not one of {ok}")
+        if K == 1 and self.renormalize:
+            bad(f"n_activated_experts=1 with norm_topk_prob={self.norm_topk_prob} ({self.score_func}) "
+                "makes every gate value route_scale, so the router would get no gradient; "
+                "set norm_topk_prob=False")
+
+    @property
+    def renormalize(self) -> bool:
+        """Whether gate values are normalised over the K picks [V3 eq. 13]."""
+        return self.score_func == "sigmoid" if self.norm_topk_prob is None else self.norm_topk_prob
 
 
 # ---------------------------------------------------------------------------------------
 # Grouped matmul: out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]   (one swappable spot)
-
-def _grouped_mm_loop(x, w, offs):
-    """Reference segment loop, used where torch has no native grouped matmul for x."""
-    out, start = x.new_empty(x.shape[0], w.shape[-1]), 0
-    for e, end in enumerate(offs.tolist()):
-        out[start:end] = x[start:end] @ w[e]
-        start = end
-    return out
-
-
-# public in torch.nn.functional since 2.10; the same kernel was torch._grouped_mm before
-_native_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def _native_or_loop(x, w, offs):
-    if _native_grouped_mm is not None:
-        try:
-            return _native_grouped_mm(x, w, offs=offs)
-        except RuntimeError:  # dtype or device the native kernel does not take
-            pass
-    return _grouped_mm_loop(x, w, offs)
-
+# F.grouped_mm (torch >= 2.10) is differentiable and compiles in bf16. Other dtypes run
+# eagerly (a per-group fallback), but its compile-time shape rule refuses them: the two
+# custom ops below hide the call from the compiler, and give float32 its backward.
 
 @torch.library.custom_op("moe::grouped_mm", mutates_args=())
 def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return _native_or_loop(x.contiguous(), w, offs)
+    return F.grouped_mm(x.contiguous(), w, offs=offs)
 
 
 @_grouped_mm_op.register_fake
@@ -140,32 +129,24 @@ def _(x, w, offs):
 
 
 @torch.library.custom_op("moe::grouped_mm_wgrad", mutates_args=())
-def _grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor,
-                      n_groups: int) -> torch.Tensor:
-    """dw[e] = x[seg e]^T @ dy[seg e], zero for an empty segment."""
-    dw, start = x.new_zeros(n_groups, x.shape[1], dy.shape[1]), 0
-    for e, end in enumerate(offs.tolist()):
-        dw[e] = x[start:end].t() @ dy[start:end]
-        start = end
-    return dw
+def _grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """dw[e] = x[seg e]^T @ dy[seg e] (zero for an empty segment): grouped over the rows."""
+    return F.grouped_mm(x.t(), dy, offs=offs)
 
 
 @_grouped_mm_wgrad.register_fake
-def _(x, dy, offs, n_groups):
-    return x.new_empty(n_groups, x.shape[1], dy.shape[1])
+def _(x, dy, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
 
 
 def _setup_context(ctx, inputs, output):
-    x, w, offs = inputs
-    ctx.save_for_backward(x, w, offs)
+    ctx.save_for_backward(*inputs)
 
 
 def _backward(ctx, dy):
     x, w, offs = ctx.saved_tensors
     dy = dy.contiguous()
-    dx = _grouped_mm_op(dy, w.transpose(-2, -1), offs)
-    dw = _grouped_mm_wgrad(x, dy, offs, w.shape[0])
-    return dx, dw, None
+    return _grouped_mm_op(dy, w.transpose(-2, -1), offs), _grouped_mm_wgrad(x, dy, offs), None
 
 
 _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -173,8 +154,8 @@ _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """(R, D) rows sorted by group, (G, D, H) weights, (G,) int32 segment ends -> (R, H)."""
-    if x.dtype == torch.bfloat16 and _native_grouped_mm is not None:
-        return _native_grouped_mm(x, w, offs=offs)  # native, differentiable, compiles
+    if x.dtype == torch.bfloat16:
+        return F.grouped_mm(x, w, offs=offs)  # native, differentiable, compiles
     return _grouped_mm_op(x, w, offs)
 
 
@@ -205,15 +186,25 @@ class Gate(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
-        nn.init.uniform_(self.weight, -cfg.dim ** -0.5, cfg.dim ** -0.5)
         # the aux-loss-free bias: float32, no gradient, saved in the state_dict
-        self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.register_buffer("bias", torch.empty(cfg.n_routed_experts, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.uniform_(self.weight, -self.cfg.dim ** -0.5, self.cfg.dim ** -0.5)
+        nn.init.zeros_(self.bias)
 
     def _apply(self, fn, recurse=True):
-        bias = self.bias  # keep the bias float32 (and its exact value) under .to(bf16)
+        bias = self.bias  # .to(bf16) must not round the bias: redo a cast from the fp32 original
         super()._apply(fn, recurse)
-        self.bias = bias.to(device=self.bias.device)
+        if self.bias.dtype != torch.float32:  # a meta tensor holds no value to keep
+            meta = bias.is_meta or self.bias.is_meta
+            self.bias = self.bias.float() if meta else bias.to(self.bias.device)
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.bias = self.bias.float()  # load_state_dict(assign=True) may bring a bf16 bias
 
     def forward(self, x):
         """x (T, D) -> weights (T, K) fp32, indices (T, K) int64, scores (T, E) fp32."""
@@ -225,15 +216,17 @@ class Gate(nn.Module):
         biased = scores.detach() + self.bias                                  # selection only
         if G > 1:
             groups = biased.view(T, G, -1)                                    # (T, G, E/G)
-            top2 = min(2, groups.shape[-1])
-            group_scores = groups.topk(top2, dim=-1).values.sum(-1)           # (T, G)
+            if cfg.score_func == "sigmoid":  # V3: the sum of each group's top-2 scores
+                group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)
+            else:                            # V2: each group's highest affinity
+                group_scores = groups.amax(-1)                                # (T, G)
             keep = group_scores.topk(cfg.n_limited_groups, dim=-1).indices    # (T, M)
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter(1, keep, False)
             biased = groups.masked_fill(dropped.unsqueeze(-1), float("-inf")).flatten(1)
         indices = biased.topk(cfg.n_activated_experts, dim=-1).indices       # (T, K)
         weights = scores.gather(1, indices)                                  # unbiased values
-        if cfg.score_func == "sigmoid":
-            weights = weights / weights.sum(-1, keepdim=True)
+        if cfg.renormalize:  # tiny epsilon: picks that all underflow to 0 give 0, not NaN
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * cfg.route_scale, indices, scores
 
 
@@ -246,14 +239,27 @@ class MoE(nn.Module):
         E, D, H = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         self.gate = Gate(cfg)
         self.experts = nn.ParameterDict({  # stacked like nn.Linear weights: (E, out, in)
-            "w1": nn.Parameter(torch.empty(E, H, D).uniform_(-D ** -0.5, D ** -0.5)),
-            "w3": nn.Parameter(torch.empty(E, H, D).uniform_(-D ** -0.5, D ** -0.5)),
-            "w2": nn.Parameter(torch.empty(E, D, H).uniform_(-H ** -0.5, H ** -0.5)),
+            "w1": nn.Parameter(torch.empty(E, H, D)),
+            "w3": nn.Parameter(torch.empty(E, H, D)),
+            "w2": nn.Parameter(torch.empty(E, D, H)),
         })
         self.shared_experts = MLP(D, cfg.n_shared_experts * H) if cfg.n_shared_experts else None
         # loads since the last bias update: int64, so casting the module never rounds them
-        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long),
+        self.register_buffer("tokens_per_expert", torch.empty(E, dtype=torch.long),
                              persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Initialise every parameter and buffer: also how a model built on the meta device
+        (then moved with to_empty) gets its values."""
+        self.gate.reset_parameters()
+        for w in self.experts.values():  # nn.Linear's default range, U(-1/sqrt(in), 1/sqrt(in))
+            nn.init.uniform_(w, -w.shape[-1] ** -0.5, w.shape[-1] ** -0.5)
+        if self.shared_experts is not None:
+            for lin in self.shared_experts.children():
+                lin.reset_parameters()
+        self.tokens_per_expert.zero_()
 
     def forward(self, x: torch.Tensor):
         """x (B, L, D) -> y (B, L, D), aux_loss (). T = B*L tokens, K = top-k, E = experts."""
@@ -275,7 +281,7 @@ class MoE(nn.Module):
             y = self._loop(xf, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(xf)
-        if self.training:
+        if self.training and not _recomputing():
             with torch.no_grad():
                 self.tokens_per_expert += counts.sum(0)
         return y.view(B, L, D), self.balance_loss(scores.view(B, L, E), counts)
@@ -334,6 +340,12 @@ class MoE(nn.Module):
         self.gate.bias += gamma * torch.sign(load.mean() - load).float()
         self.tokens_per_expert.zero_()
         return load, max_vio(load)
+
+
+def _recomputing() -> bool:
+    """True while autograd's backward re-runs a forward (activation checkpointing): its tokens
+    were counted the first time. Compiled graphs never run forward code inside backward."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def max_vio(load: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from moe import MoE, MoEConfig, grouped_mm, max_vio, update_bias
 
 D = 16  # model width of every test layer; tiny so the Python references stay fast
+# every device the layer can run on here: the references stay on the CPU
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # max error / max |reference|
 
 
@@ -50,10 +52,12 @@ def naive_scores(u, weight, cfg):
 
 
 def naive_kept_groups(biased, cfg):
-    """The M groups with the largest sum of their top-2 biased scores (reference section 2)."""
+    """The M best groups. V3 (sigmoid) ranks a group by the sum of its top-2 biased scores
+    (reference section 2); DeepSeek-V2 (softmax) by its single highest affinity (V2 paper,
+    device-limited routing: "the M devices with the highest affinity scores")."""
     n = cfg.n_routed_experts // cfg.n_expert_groups
-    group_score = [sum(sorted(biased[g * n:(g + 1) * n], reverse=True)[:2])
-                   for g in range(cfg.n_expert_groups)]
+    members = [sorted(biased[g * n:(g + 1) * n], reverse=True) for g in range(cfg.n_expert_groups)]
+    group_score = [sum(m[:2]) if cfg.score_func == "sigmoid" else m[0] for m in members]
     return sorted(range(cfg.n_expert_groups), key=lambda g: -group_score[g])[:cfg.n_limited_groups]
 
 
@@ -67,9 +71,11 @@ def naive_picks(s, bias, cfg):
 
 
 def naive_gate_values(s, picks, cfg):
-    """UNBIASED scores of the picks, normalised over them (sigmoid, [V3 eq. 13-14]) or raw
-    probabilities (softmax, DeepSeek-V2), times route_scale. Works on floats and on tensors."""
-    total = sum(s[i] for i in picks) if cfg.score_func == "sigmoid" else 1.0
+    """UNBIASED scores of the picks, normalised over them (sigmoid, [V3 eq. 13-14]; softmax
+    with norm_topk_prob=True, Qwen3-MoE / Mixtral) or raw probabilities (softmax, DeepSeek-V2),
+    times route_scale. Works on floats and on tensors."""
+    renorm = cfg.score_func == "sigmoid" if cfg.norm_topk_prob is None else cfg.norm_topk_prob
+    total = sum(s[i] for i in picks) if renorm else 1.0
     return [cfg.route_scale * s[i] / total for i in picks]
 
 
@@ -120,6 +126,11 @@ GATE_CONFIGS = {  # overrides of make_cfg (E=8, K=2, G=4 groups, M=2 kept, route
     "one-expert-groups": dict(n_activated_experts=3, n_expert_groups=8, n_limited_groups=3),
     "no-groups": dict(n_expert_groups=1, n_limited_groups=1),
     "softmax-groups": dict(score_func="softmax"),
+    "v2-groups": dict(score_func="softmax", n_routed_experts=64, n_activated_experts=6,
+                      n_expert_groups=8, n_limited_groups=3),  # 40% of tokens differ from V3's rule
+    "qwen3-renormalised-softmax": dict(score_func="softmax", norm_topk_prob=True,
+                                       n_expert_groups=1, n_limited_groups=1),
+    "sigmoid-not-renormalised": dict(norm_topk_prob=False),
 }
 
 
@@ -191,6 +202,16 @@ def test_softmax_gate_values_are_unrenormalised_probabilities_times_route_scale(
     assert (weights.sum(-1) < 2.5).all()  # DeepSeek-V2: no renormalisation over the picks
 
 
+def test_underflowing_picked_scores_give_finite_gate_values():
+    moe = make_moe()
+    with torch.no_grad():
+        moe.gate.weight.fill_(-20.0)              # logits -320: every sigmoid score is 0.0
+    weights, _, scores = moe.gate(torch.ones(4, D))
+    assert (scores == 0).all(), "the scores must really underflow for this test to mean anything"
+    assert torch.isfinite(weights).all()
+    assert torch.isfinite(moe(torch.ones(1, 4, D))[0]).all()
+
+
 def test_router_math_stays_float32_in_a_bf16_layer():
     moe = make_moe().to(torch.bfloat16)
     x = torch.randn(40, D).to(torch.bfloat16)
@@ -209,6 +230,7 @@ LAYER_CASES = {  # (B, L), experts forced (bias -100) to receive no token at all
 
 
 def build_layer(dispatch, dtype, case, **overrides):
+    """A layer and input on the CPU (where the references run), some experts starved."""
     (B, L), starved = LAYER_CASES[case]
     moe = make_moe(dispatch=dispatch, seq_aux_alpha=0.0, **overrides)  # y-only gradients
     moe.gate.bias.uniform_(-0.1, 0.1)
@@ -220,31 +242,33 @@ def build_layer(dispatch, dtype, case, **overrides):
     return moe, x
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dispatch", ["grouped", "loop"])
-def test_layer_forward_matches_naive_reference(dispatch, dtype, case):
+def test_layer_forward_matches_naive_reference(dispatch, dtype, case, device):
     moe, x = build_layer(dispatch, dtype, case)
-    y, _ = moe(x)
-    assert y.dtype == dtype
     expected = naive_layer(fp32_leaf_params(moe), moe.gate.bias, x.float(), moe.cfg)
-    assert_close_rel(y, expected, TOL[dtype], "y")
+    y, _ = moe.to(device)(x.to(device))
+    assert y.dtype == dtype and y.device.type == device
+    assert_close_rel(y.cpu(), expected, TOL[dtype], "y")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", LAYER_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("dispatch", ["grouped", "loop"])
-def test_layer_gradients_match_naive_reference(dispatch, dtype, case):
+def test_layer_gradients_match_naive_reference(dispatch, dtype, case, device):
     moe, x = build_layer(dispatch, dtype, case)
-    x.requires_grad_()
     r = torch.randn(x.shape)                                              # random projection
-    y, _ = moe(x)
-    (y.float() * r).sum().backward()
     p, xr = fp32_leaf_params(moe), x.detach().float().requires_grad_()
     (naive_layer(p, moe.gate.bias, xr, moe.cfg) * r).sum().backward()
-    assert_close_rel(x.grad, xr.grad, TOL[dtype], "x.grad")
+    x = x.to(device).requires_grad_()
+    y, _ = moe.to(device)(x)
+    (y.float() * r.to(device)).sum().backward()
+    assert_close_rel(x.grad.cpu(), xr.grad, TOL[dtype], "x.grad")
     for name, param in moe.named_parameters():  # experts w1/w2/w3, shared MLP, gate weight
-        assert_close_rel(param.grad, p[name].grad, TOL[dtype], f"{name}.grad")
+        assert_close_rel(param.grad.cpu(), p[name].grad, TOL[dtype], f"{name}.grad")
 
 
 def test_without_shared_experts_the_layer_is_routed_experts_only():
@@ -254,53 +278,82 @@ def test_without_shared_experts_the_layer_is_routed_experts_only():
     assert_close_rel(moe(x)[0], expected, TOL[torch.float32])
 
 
-def test_no_token_is_dropped():
-    moe = make_moe().train()
-    moe(torch.randn(3, 7, D))
-    assert moe.tokens_per_expert.sum().item() == 3 * 7 * 2
+@pytest.mark.parametrize("dispatch", ["grouped", "loop"])
+def test_no_token_is_dropped(dispatch):
+    """Observe the dispatch itself: token t's output must depend on the down projection of
+    exactly its K picks (from the reference router), so a dispatch that loses any (token,
+    expert) pair leaves a zero gradient where the reference says there is a contribution."""
+    moe, x = build_layer(dispatch, torch.float32, "1x13-starved", n_shared_experts=0)
+    cfg, y = moe.cfg, moe(x)[0].view(-1, D)
+    for t, u in enumerate(x.view(-1, D)):
+        s = naive_scores(u, moe.gate.weight.detach(), cfg).tolist()
+        picks = naive_picks(s, moe.gate.bias.tolist(), cfg)
+        (grad,) = torch.autograd.grad(y[t] @ torch.randn(D), moe.experts["w2"], retain_graph=True)
+        reached = grad.flatten(1).abs().amax(1).nonzero().flatten().tolist()
+        assert sorted(reached) == sorted(picks), f"token {t}: reached {reached}, picks {picks}"
 
 
 # ---------------------------------------------------------------------------------------
 # Aux-loss-free bias [LF Alg. 1]: b_i += gamma * sign(mean load - load_i)
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("update", [lambda m: m.update_bias(), lambda m: update_bias(m)],
                          ids=["MoE.update_bias", "update_bias(model)"])
-def test_bias_moves_by_gamma_towards_the_mean_load(update):
-    moe = make_moe(bias_update_speed=0.01)
+def test_bias_moves_by_gamma_towards_the_mean_load(update, device):
+    moe = make_moe(bias_update_speed=0.01).to(device)
     moe.gate.bias.copy_(torch.randn(8) * 0.1)
     load = torch.tensor([0, 2, 4, 4, 4, 6, 8, 4])                           # mean 4
     moe.tokens_per_expert.copy_(load)
-    before = moe.gate.bias.clone()
+    before = moe.gate.bias.clone().cpu()
     update(moe)
     step = torch.tensor([+1, +1, 0, 0, 0, -1, -1, 0]) * 0.01  # under +, over -, at mean 0
-    torch.testing.assert_close(moe.gate.bias, before + step, rtol=0, atol=1e-7)
+    torch.testing.assert_close(moe.gate.bias.cpu(), before + step, rtol=0, atol=1e-7)
 
 
-def test_eval_forward_counts_no_tokens():
-    moe = make_moe().eval()
-    moe(torch.randn(3, 7, D))
+@pytest.mark.parametrize("device", DEVICES)
+def test_eval_forward_counts_no_tokens(device):
+    moe = make_moe().to(device).eval()
+    moe(torch.randn(3, 7, D, device=device))
     assert moe.tokens_per_expert.sum().item() == 0
 
 
-def test_counts_accumulate_over_micro_batches_and_the_update_uses_their_sum():
+@pytest.mark.parametrize("device", DEVICES)
+def test_counts_accumulate_over_micro_batches_and_the_update_uses_their_sum(device):
     moe = make_moe(bias_update_speed=0.01).train()
-    expected = torch.zeros(8, dtype=torch.long)
+    cfg, weight, expected = moe.cfg, moe.gate.weight.detach().clone(), [0] * 8
+    moe.to(device)
     for _ in range(2):
         x = torch.randn(2, 5, D)
-        moe(x)
-        expected += torch.bincount(moe.gate(x.view(-1, D))[1].flatten(), minlength=8)
-    assert torch.equal(moe.tokens_per_expert, expected)
-    before = moe.gate.bias.clone()
+        moe(x.to(device))
+        for u in x.view(-1, D):  # the reference router, token by token
+            for e in naive_picks(naive_scores(u, weight, cfg).tolist(), [0.0] * 8, cfg):
+                expected[e] += 1
+    assert moe.tokens_per_expert.tolist() == expected
+    before = moe.gate.bias.clone().cpu()
     moe.update_bias()
-    step = 0.01 * torch.sign(expected.double().mean() - expected.double()).float()
-    torch.testing.assert_close(moe.gate.bias, before + step, rtol=0, atol=1e-7)
+    mean = sum(expected) / 8
+    step = [0.01 * ((c < mean) - (c > mean)) for c in expected]             # sign(mean - c)
+    torch.testing.assert_close(moe.gate.bias.cpu(), before + torch.tensor(step), rtol=0, atol=1e-7)
 
 
-def test_update_zeroes_the_counts():
-    moe = make_moe().train()
-    moe(torch.randn(2, 5, D))
+@pytest.mark.parametrize("device", DEVICES)
+def test_update_zeroes_the_counts(device):
+    moe = make_moe().to(device).train()
+    moe(torch.randn(2, 5, D, device=device))
     moe.update_bias()
     assert moe.tokens_per_expert.sum().item() == 0
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_counts_each_token_once(use_reentrant):
+    # the backward re-runs the forward to rebuild activations; those tokens were counted already
+    moe = make_moe(seq_aux_alpha=0.01).train()
+    x = torch.randn(3, 7, D, requires_grad=True)
+    y, aux = torch.utils.checkpoint.checkpoint(moe, x, use_reentrant=use_reentrant)
+    assert moe.tokens_per_expert.sum().item() == 3 * 7 * 2
+    ((y * torch.randn_like(y)).sum() + aux).backward()
+    assert moe.gate.weight.grad.abs().max() > 0, "the recompute must really have run"
+    assert moe.tokens_per_expert.sum().item() == 3 * 7 * 2
 
 
 def test_bias_stays_exact_float32_when_the_module_is_cast_to_bf16():
@@ -310,6 +363,47 @@ def test_bias_stays_exact_float32_when_the_module_is_cast_to_bf16():
     moe.to(torch.bfloat16)
     assert moe.gate.weight.dtype == torch.bfloat16 and moe.gate.bias.dtype == torch.float32
     assert torch.equal(moe.gate.bias, before)
+
+
+def test_bias_stays_float32_after_load_state_dict_with_assign():
+    moe, saved = make_moe(), make_moe(seed=1).to(torch.bfloat16).state_dict()
+    assert saved["gate.bias"].dtype == torch.float32  # the cast kept it; force a bf16 one in
+    saved["gate.bias"] = (1 + 1e-2 * torch.arange(8)).to(torch.bfloat16)
+    moe.load_state_dict(saved, assign=True)
+    assert moe.gate.weight.dtype == torch.bfloat16 and moe.gate.bias.dtype == torch.float32
+    assert torch.equal(moe.gate.bias, saved["gate.bias"].float())
+
+
+def test_layer_built_on_the_meta_device_initialises_after_to_empty():
+    with torch.device("meta"):
+        moe = MoE(make_cfg())
+    moe.to(torch.bfloat16)                       # a cast on meta must not touch the bias dtype
+    assert moe.gate.bias.is_meta and moe.gate.bias.dtype == torch.float32
+    moe.to_empty(device="cpu")
+    moe.reset_parameters()
+    assert moe.gate.bias.dtype == torch.float32 and not moe.gate.bias.any()
+    assert not moe.tokens_per_expert.any()
+    bound = D ** -0.5                            # the default init's range, U(-1/sqrt(in), ..)
+    assert 0 < moe.experts["w1"].float().abs().max() <= bound
+    y, aux = moe.train()(torch.randn(2, 5, D, dtype=torch.bfloat16))
+    assert torch.isfinite(y).all() and moe.tokens_per_expert.sum().item() == 2 * 5 * 2
+
+
+def test_model_built_on_the_meta_device_matches_a_normal_one_after_reset_parameters():
+    from model import GPT, presets
+    with torch.device("meta"):
+        meta = GPT(presets["tiny"])
+    meta.to_empty(device="cpu")
+    meta.reset_parameters()
+    normal = GPT(presets["tiny"])
+    for (name, a), b in zip(meta.state_dict().items(), normal.state_dict().values()):
+        assert torch.isfinite(a).all(), name
+        if not a.is_floating_point() or name.endswith(("norm.weight", "gate.bias")):
+            assert torch.equal(a, b), name       # exact values: norms 1, bias 0
+        else:                                    # random: same scale as a normal build
+            assert 0.5 < a.float().std() / b.float().std() < 2, name
+    for name in ("rope_cos", "rope_sin"):        # non-persistent buffers: not in state_dict
+        assert torch.equal(getattr(meta, name), getattr(normal, name)), name
 
 
 def test_bias_is_saved_in_state_dict_and_survives_a_round_trip():
@@ -355,7 +449,7 @@ def simulate_router_balancing(flip_sign, skew=0.1, steps=100, gamma=1e-2, balanc
     vios = []
     for step in range(balance_first + steps):
         with torch.no_grad():
-            moe(torch.randn(2, 32, D) + 1)
+            moe(torch.randn(2, 128, D) + 1)
         before = moe.gate.bias.clone()
         vios.append(moe.update_bias(gamma)[1].item())
         if flip_sign and step >= balance_first:  # the shipped trap: b += gamma * sign(load - mean)
@@ -459,20 +553,20 @@ def eager_and_compiled(moe, compiled, x, r):
     return out
 
 
-@pytest.fixture(scope="module")
-def bf16_runs():
+@pytest.fixture(scope="module", params=DEVICES)
+def bf16_runs(request):
     """Five training batches through one compiled bf16 layer (and eagerly); in batch 3 the bias
     sends every token to experts 0 and 1, so six of eight experts get nothing."""
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
-    moe = make_moe(seq_aux_alpha=0.01).to(torch.bfloat16).train()
+    counter, dev = CompileCounterWithBackend("inductor"), request.param
+    moe = make_moe(seq_aux_alpha=0.01).to(dev, torch.bfloat16).train()
     compiled = torch.compile(moe, fullgraph=True, backend=counter)
     runs = []
     for batch in range(5):
-        x = torch.randn(2, 5, D, dtype=torch.bfloat16)
+        x = torch.randn(2, 5, D, dtype=torch.bfloat16, device=dev)
         moe.gate.bias.copy_(torch.tensor([100.0] * 2 + [0.0] * 6) if batch == 3 else 0.0)
         used = moe.gate(x.view(-1, D))[1].unique().numel()
-        r = torch.randn(x.shape)
+        r = torch.randn(x.shape, device=dev)
         runs.append({"experts_used": used, **eager_and_compiled(moe, compiled, x, r)})
     return counter.frame_count, runs, counter.graphs
 
@@ -542,7 +636,16 @@ BAD_CONFIGS = [  # overrides of make_cfg (E=8, K=2, G=4, M=2), field the message
     (dict(n_shared_experts=-1), "n_shared_experts"),
     (dict(dim=20), "dim"),
     (dict(moe_inter_dim=12), "moe_inter_dim"),
+    (dict(n_activated_experts=1), "n_activated_experts"),  # renormalised K=1: no router gradient
+    (dict(n_activated_experts=1, score_func="softmax", norm_topk_prob=True), "n_activated_experts"),
+    (dict(norm_topk_prob="yes"), "norm_topk_prob"),
 ]
+
+
+def test_top1_is_allowed_where_the_gate_value_still_carries_a_gradient():
+    for overrides in (dict(norm_topk_prob=False), dict(score_func="softmax")):
+        weights, _, _ = make_moe(n_activated_experts=1, **overrides).gate(torch.randn(4, D))
+        assert (weights < 2.5).all()
 
 
 @pytest.mark.parametrize("overrides, field", BAD_CONFIGS,
