@@ -1,39 +1,105 @@
 """
-Does auxiliary-loss-free balancing work? Train every balancing arm with the same seed, data and
-steps, then compare balance and loss in one table.
+Two studies; each arm is a train.py run with the same data, seed, steps and settings except
+what the arm is about, and one table compares them.
 
-    python study.py                       # CPU: five arms, about 15 minutes on 2 cores
-    python study.py --scale=gpu           # the same study at GPU size
+    python study.py                       # does aux-loss-free balancing work? ~15 min, 2 cores
+    python study.py --study=arch          # does the MoE pay? DeepSeekMoE vs dense, ~20 min
+    python study.py --scale=gpu           # either study at GPU size
     python study.py --arms=none,bias --max_iters=100   # any train.py setting passes through
 
-Each arm is a normal train.py run in out_dir/<arm>/ (logs, checkpoint, heatmaps). The table
-goes to the terminal and to out_dir/study.json and out_dir/study.md, the final val-set expert
-loads of every arm to out_dir/study_heatmaps.svg.
+balance (default): train.py's --balance arms; val loss, MaxVio_global and _batch against the
+noise floor of random routing, dead experts, tokens/s; expert loads in study_heatmaps.svg.
+arch: DeepSeekMoE's arms at equal expert parameters and a dense model at equal active ones
+(arch_configs), --seeds seeds each: val loss at equal tokens, tokens/s (median step, compiled,
+train.py's dtype), training seconds to reach the dense run's final val loss, MaxVio_global, the
+MoE tax (tokens/s of fine+shared / dense) and which loss gaps exceed the seed spread. Val loss
+against tokens and against training seconds (tokens / median tokens/s: compile and evals left
+out) in loss_vs_tokens.svg and loss_vs_seconds.svg.
+
+Runs go to out_dir/<arm>/ (arch: out_dir/<arm>/seed<N>/), the table to study.json and study.md.
+Arch runs are `python study.py --train --preset=cpu:fine ...`: train.py with the arch shapes
+added to model.presets as "<base>:<arm>"; every train.py setting works (--sample, resume, ...).
 """
 import json
+import math
 import os
 import subprocess
 import sys
+import time
 import warnings
+from dataclasses import replace
+from statistics import fmean, median
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's optional numpy
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from model import presets
+import train
+from model import GPT, GPTConfig, presets
 from moe import max_vio
 from train import arms, default_settings, heatmap, parse_overrides, save_svg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# per scale: the train.py settings every arm shares
+# per study and scale: the train.py settings every arm shares
 scales = {
-    "cpu": dict(preset="cpu", max_iters=600, eval_interval=600, eval_iters=40, log_interval=10,
-                batch_size=8, warmup_iters=30),
-    "gpu": dict(preset="gpu", device="cuda", max_iters=3000, eval_interval=1000, eval_iters=100,
-                log_interval=50, batch_size=32, learning_rate=1e-3, min_lr=1e-4, warmup_iters=200),
+    "balance": {
+        "cpu": dict(preset="cpu", max_iters=600, eval_interval=600, eval_iters=40,
+                    log_interval=10, batch_size=8, warmup_iters=30),
+        "gpu": dict(preset="gpu", device="cuda", max_iters=3000, eval_interval=1000,
+                    eval_iters=100, log_interval=50, batch_size=32, learning_rate=1e-3,
+                    min_lr=1e-4, warmup_iters=200)},
+    "arch": {
+        "tiny": dict(preset="tiny", max_iters=4, eval_interval=2, eval_iters=1, log_interval=1,
+                     batch_size=2, warmup_iters=1, compile=False, eval_sample=False),
+        "cpu": dict(preset="cpu", max_iters=300, eval_interval=50, eval_iters=20,
+                    log_interval=10, batch_size=8, warmup_iters=30, eval_sample=False),
+        "gpu": dict(preset="gpu", device="cuda", max_iters=3000, eval_interval=250,
+                    eval_iters=50, log_interval=50, batch_size=32, learning_rate=1e-3,
+                    min_lr=1e-4, warmup_iters=200, eval_sample=False)},
 }
+COLOURS = {"dense": "#444444", "gshard": "#d62728", "fine": "#1f77b4", "fine+shared": "#2ca02c",
+           "dense_wide": "#9467bd"}
+
+
+def arch_configs(base: GPTConfig, m: int = 4, n_large: int = 8) -> dict[str, GPTConfig]:
+    """DeepSeekMoE's arms [DSM Table 1] on base's attention, depth and width D. A large expert
+    is 2D wide, so two active ones hold the 4D of a standard GPT MLP; every arm's first
+    n_dense_layers blocks are that 4D MLP. MLP and expert parameters (routers aside) match:
+      dense        every block a 4D MLP: the MoE arms' active parameters, no routing
+      gshard       n_large=8 experts of 2D, top-2, no shared expert (GShard)
+      fine         the same experts cut m=4 times finer: 32 of D/2, top-8
+      fine+shared  fine with one active expert made shared: 1 shared + 31 routed, top-7
+      dense_wide   every block dense, as wide as the MoE's total parameters (the upper bound)
+    Routing is plain top-k over all experts (one group): 31 routed experts fit no group
+    structure of 32, and node-limited routing is a cluster constraint that came after DSM."""
+    D, H = base.n_embd, 2 * base.n_embd
+    moe = replace(base.moe, n_expert_groups=1, n_limited_groups=1)
+    def arm(inter_dim=2 * H, n_dense_layers=base.n_dense_layers, **routing):
+        return replace(base, inter_dim=inter_dim, n_dense_layers=n_dense_layers,
+                       moe=replace(moe, **routing))
+    moe_total = base.n_dense_layers * 2 * H + (base.n_layer - base.n_dense_layers) * n_large * H
+    return {
+        "dense": arm(n_dense_layers=base.n_layer),
+        "gshard": arm(moe_inter_dim=H, n_routed_experts=n_large, n_activated_experts=2,
+                      n_shared_experts=0),
+        "fine": arm(moe_inter_dim=H // m, n_routed_experts=m * n_large,
+                    n_activated_experts=2 * m, n_shared_experts=0),
+        "fine+shared": arm(moe_inter_dim=H // m, n_routed_experts=m * n_large - 1,
+                           n_activated_experts=2 * m - 1, n_shared_experts=1),
+        "dense_wide": arm(inter_dim=moe_total // base.n_layer, n_dense_layers=base.n_layer),
+    }
+
+
+def param_counts(cfg: GPTConfig) -> dict:
+    """Parameters (embedding aside, as GPT.num_params): all, active per token, and of the MLPs
+    and experts alone (routers aside), the part the arch arms hold equal."""
+    with torch.device("meta"):  # shapes only: no memory, no init time, even at GPU size
+        model = GPT(cfg)
+    mlp = sum(p.numel() for n, p in model.named_parameters() if ".ffn." in n and ".gate." not in n)
+    total, active = model.num_params(), model.num_params(active=True)
+    return {"total": total, "active": active, "mlp_total": mlp, "mlp_active": mlp - total + active}
 
 
 def noise_floor(n_experts, k, tokens, draws=20, seed=0):
@@ -47,66 +113,93 @@ def noise_floor(n_experts, k, tokens, draws=20, seed=0):
     return torch.stack(vios).mean().item()
 
 
+def run(console, out, cmd):
+    """One train.py run in out/; its log.jsonl rows."""
+    console.rule(f"[bold]{out}[/]: {' '.join(cmd[1:])}")
+    if os.path.exists(os.path.join(out, "log.jsonl")):
+        os.remove(os.path.join(out, "log.jsonl"))  # a fresh run, a fresh log
+    if subprocess.run([sys.executable, *cmd]).returncode:
+        sys.exit(f"run {out} failed; its output is above")
+    return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
 def main():
-    args = dict(scale="cpu", arms=",".join(arms), out_dir="out/study", seed=1337)
+    args = dict(study="balance", scale="cpu", arms="", out_dir="", seed=1337, seeds=2)
     given = [a for a in sys.argv[1:] if a.split("=")[0].removeprefix("--") in args]
     args.update(parse_overrides(given, args))
     passthrough = [a for a in sys.argv[1:] if a not in given]
-    if args["scale"] not in scales:
-        sys.exit(f"--scale={args['scale']!r}: expected one of {', '.join(scales)}")
-    chosen = args["arms"].split(",")
-    if unknown := [a for a in chosen if a not in arms]:
-        sys.exit(f"unknown arm(s) {unknown}; expected some of {', '.join(arms)}")
-    settings = {**scales[args["scale"]], "seed": args["seed"]}
+    if args["study"] not in scales:
+        sys.exit(f"--study={args['study']!r}: expected one of {', '.join(scales)}")
+    study = args["study"]
+    known = arms if study == "balance" else arch_configs(presets["tiny"])
+    if args["scale"] not in scales[study]:
+        sys.exit(f"--scale={args['scale']!r}: expected one of {', '.join(scales[study])}")
+    chosen = (args["arms"] or ",".join(a for a in known if a != "dense_wide")).split(",")
+    if unknown := [a for a in chosen if a not in known]:
+        sys.exit(f"unknown arm(s) {unknown}; expected some of {', '.join(known)}")
+    settings = {**scales[study][args["scale"]], "seed": args["seed"]}
     settings.update(parse_overrides(passthrough, {**default_settings(), **settings}))
+    out_dir = args["out_dir"] or os.path.join("out", "study" if study == "balance" else "arch")
+    if study == "balance":
+        balance_study(chosen, settings, out_dir)
+    else:
+        arch_study(chosen, settings, out_dir, args["seeds"])
+
+
+def balance_study(chosen, settings, out_dir):
     console = Console()
+    flags = [f"--{k}={v}" for k, v in settings.items()]
     results = []
     for arm in chosen:
-        out = os.path.join(args["out_dir"], arm)
-        cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--balance={arm}",
-               f"--out_dir={out}",
-               *[f"--{k}={v}" for k, v in settings.items()]]
-        console.rule(f"[bold]{arm}[/]: {' '.join(cmd[2:])}")
-        if os.path.exists(os.path.join(out, "log.jsonl")):
-            os.remove(os.path.join(out, "log.jsonl"))  # a fresh run, a fresh log
-        if subprocess.run(cmd).returncode:
-            sys.exit(f"arm {arm} failed; its output is above")
-        rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-        results.append(summarise(arm, rows, settings))
+        out = os.path.join(out_dir, arm)
+        rows = run(console, out, [os.path.join(HERE, "train.py"), f"--balance={arm}",
+                                  f"--out_dir={out}", *flags])
+        results.append(summarise_balance(arm, rows, settings))
 
     cfg = presets[settings["preset"]].moe
-    tokens = (settings["batch_size"] * settings.get("gradient_accumulation_steps", 1) *
-              (settings.get("block_size") or presets[settings["preset"]].block_size))
+    tokens = tokens_per_step(settings)
     floor = noise_floor(cfg.n_routed_experts, cfg.n_activated_experts, tokens)
     table = Table(title=f"balance study: {settings['preset']} preset, {settings['max_iters']} steps, "
                         f"{tokens} tokens/step, seed {settings['seed']}")
     cols = ["arm", "val loss", "MaxVio global", "MaxVio batch", "noise floor", "dead experts",
             "tokens/s"]
-    for c in cols:
-        table.add_column(c, justify="left" if c == "arm" else "right")
+    rows = [[r["arm"], f"{r['val_loss']:.4f}", f"{r['maxvio_global']:.3f}",
+             f"{r['maxvio_batch']:.3f}", f"{floor:.3f}", str(r["dead_experts"]),
+             f"{r['tokens_per_s']:,.0f}"] for r in results]
     for r in results:
         r["noise_floor"] = floor
-        table.add_row(r["arm"], f"{r['val_loss']:.4f}", f"{r['maxvio_global']:.3f}",
-                      f"{r['maxvio_batch']:.3f}", f"{floor:.3f}", str(r["dead_experts"]),
-                      f"{r['tokens_per_s']:,.0f}")
-    console.print(table)
     maps = [heatmap(torch.tensor(r.pop("loads")), f"{r['arm']}: val-set expert load / mean")
             for r in results]
+    save_table(console, table, cols, rows, [], out_dir, {"settings": settings, "rows": results})
     for hm in maps:
         console.print(hm)
-    save_svg(maps, os.path.join(args["out_dir"], "study_heatmaps.svg"), "balance study")
-    with open(os.path.join(args["out_dir"], "study.json"), "w") as f:
-        json.dump({"settings": settings, "rows": results}, f, indent=1)
-    with open(os.path.join(args["out_dir"], "study.md"), "w") as f:
+    save_svg(maps, os.path.join(out_dir, "study_heatmaps.svg"), "balance study")
+    console.print(f"saved {out_dir}/study.json, study.md, study_heatmaps.svg")
+
+
+def tokens_per_step(settings):
+    return (settings["batch_size"] * settings.get("gradient_accumulation_steps", 1) *
+            (settings.get("block_size") or presets[settings["preset"]].block_size))
+
+
+def save_table(console, table, cols, rows, notes, out_dir, record):
+    """Print the table and notes; write them to study.md and record to study.json."""
+    for c in cols:
+        table.add_column(c, justify="left" if c == "arm" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for note in notes:
+        console.print(note)
+    with open(os.path.join(out_dir, "study.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(out_dir, "study.md"), "w") as f:
         f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-        for r in results:
-            f.write(f"| {r['arm']} | {r['val_loss']:.4f} | {r['maxvio_global']:.3f} | "
-                    f"{r['maxvio_batch']:.3f} | {floor:.3f} | {r['dead_experts']} | "
-                    f"{r['tokens_per_s']:,.0f} |\n")
-    console.print(f"saved {args['out_dir']}/study.json, study.md, study_heatmaps.svg")
+        f.writelines("| " + " | ".join(row) + " |\n" for row in rows)
+        f.writelines(f"\n{note}\n" for note in notes)
 
 
-def summarise(arm, rows, settings):
+def summarise_balance(arm, rows, settings):
     """Final val loss and MaxVio_global; MaxVio_batch over the last fifth of training."""
     train_rows = [r for r in rows if "loss" in r]
     final = [r for r in rows if "val_loss" in r][-1]
@@ -118,5 +211,146 @@ def summarise(arm, rows, settings):
             "tokens_per_s": speeds[len(speeds) // 2], "loads": final["loads"]}
 
 
+def arch_study(chosen, settings, out_dir, n_seeds):
+    console = Console()
+    base, step_tokens = settings["preset"], tokens_per_step(settings)
+    flags = [f"--{k}={v}" for k, v in settings.items() if k not in ("preset", "seed")]
+    seeds = [settings["seed"] + i for i in range(n_seeds)]
+    runs, start, n_runs = {a: [] for a in chosen}, time.time(), n_seeds * len(chosen)
+    for seed in seeds:  # seeds outside: one result of every arm comes early, and a fair ETA
+        for arm in chosen:
+            out = os.path.join(out_dir, arm, f"seed{seed}")
+            rows = run(console, out, [os.path.join(HERE, "study.py"), "--train",
+                                      f"--preset={base}:{arm}", f"--seed={seed}",
+                                      f"--out_dir={out}", *flags])
+            runs[arm].append(summarise_arch(rows, step_tokens))
+            done, spent = sum(map(len, runs.values())), time.time() - start
+            console.print(f"[bold]{done}/{n_runs} runs in {spent / 60:.1f} min; "
+                          f"ETA {spent / done * (n_runs - done) / 60:.1f} min[/]")
+
+    ref = "dense" if "dense" in chosen else chosen[0]
+    loss = {a: [r["val_loss"] for r in runs[a]] for a in chosen}
+    record = {"settings": settings, "seeds": seeds, "reference": ref, "arms": {}}
+    cols = ["arm", "params M (active)", "MLP params M (active)", "val loss", f"- {ref}",
+            "tokens/s", f"s to {ref}'s loss", "MaxVio global"]
+    rows = []
+    for arm in chosen:  # each seed against the reference arm's run with the same seed
+        c, rs = param_counts(arch_configs(presets[base])[arm]), runs[arm]
+        reach = [seconds_to(r["curve"], t) for r, t in zip(rs, loss[ref])]
+        got = [s for s in reach if s is not None]
+        rows.append([arm, f"{c['total'] / 1e6:.3f} ({c['active'] / 1e6:.3f})",
+                     f"{c['mlp_total'] / 1e6:.3f} ({c['mlp_active'] / 1e6:.3f})",
+                     spread(loss[arm], "{:.4f}"),
+                     "-" if arm == ref else spread([a - b for a, b in zip(loss[arm], loss[ref])],
+                                                   "{:+.4f}"),
+                     spread([r["tokens_per_s"] for r in rs], "{:,.0f}"),
+                     "not reached" if not got else spread(got, "{:.0f}") +
+                     ("" if len(got) == len(reach) else f" ({len(got)}/{len(reach)} seeds)"),
+                     "-" if rs[0]["maxvio_global"] is None else
+                     spread([r["maxvio_global"] for r in rs], "{:.3f}")])
+        record["arms"][arm] = {**c, "runs": rs, "seconds_to_reference": reach}
+    notes = compare(runs, chosen)
+    if "dense" in chosen and "fine+shared" in chosen:
+        speed = {a: fmean(r["tokens_per_s"] for r in runs[a]) for a in ("dense", "fine+shared")}
+        record["moe_tax"] = speed["fine+shared"] / speed["dense"]
+        notes.insert(0, f"MoE tax: fine+shared trains at {record['moe_tax']:.2f}x the tokens/s "
+                        "of dense")
+    table = Table(title=f"architecture study: {base} preset, {settings['max_iters']} steps of "
+                        f"{step_tokens} tokens, seeds {seeds} (mean ± half the range)")
+    save_table(console, table, cols, rows, notes, out_dir, record)
+    for x, label in (("tokens", "training tokens (M)"), ("seconds", "training seconds")):
+        plot_svg([(arm, COLOURS.get(arm, "#888888"), [(p[x], p["val_loss"]) for p in r["curve"]])
+                  for arm in chosen for r in runs[arm]],
+                 os.path.join(out_dir, f"loss_vs_{x}.svg"), f"val loss vs {label}", label)
+    console.print(f"saved {out_dir}/study.json, study.md, loss_vs_tokens.svg, loss_vs_seconds.svg")
+
+
+def spread(xs, fmt):
+    """One arm's seeds as 'mean ± half the range'."""
+    half = fmt.format((max(xs) - min(xs)) / 2).lstrip("+")
+    return fmt.format(fmean(xs)) + (f" ± {half}" if len(xs) > 1 else "")
+
+
+def compare(runs, chosen):
+    """DeepSeekMoE's claims, one line each: is the loss gap larger than the seed spread?"""
+    notes = []
+    for a, b in (("gshard", "fine"), ("fine", "fine+shared"), ("dense", "fine+shared"),
+                 ("dense", "gshard"), ("fine+shared", "dense_wide")):
+        if a in chosen and b in chosen:
+            la, lb = ([r["val_loss"] for r in runs[x]] for x in (a, b))
+            apart = max(lb) < min(la) or min(lb) > max(la)  # the seed ranges do not overlap
+            notes.append(f"{b} - {a}: val loss {fmean(lb) - fmean(la):+.4f}, " + (
+                "one seed: no spread to judge it by" if len(la) < 2 else
+                "resolved (the seed ranges do not overlap)" if apart else
+                "within the seed spread (not resolved)"))
+    return notes
+
+
+def summarise_arch(rows, step_tokens):
+    """Median tokens/s of the training rows; the val curve against tokens (M) and training
+    seconds (tokens / median tokens/s: compile and evals left out); final MaxVio_global."""
+    speed = median(r["tokens_per_s"] for r in rows if "loss" in r)
+    evals = [r for r in rows if "val_loss" in r]
+    curve = [{"tokens": r["iter"] * step_tokens / 1e6, "seconds": r["iter"] * step_tokens / speed,
+              "val_loss": r["val_loss"]} for r in evals]
+    vio = evals[-1].get("maxvio_global")
+    return {"val_loss": evals[-1]["val_loss"], "tokens_per_s": speed, "curve": curve,
+            "maxvio_global": vio if vio is not None and math.isfinite(vio) else None}
+
+
+def seconds_to(curve, target):
+    """Training seconds at which a val curve first reaches target, linear between evals;
+    None if it never does."""
+    for prev, p in zip([None] + curve, curve):
+        if p["val_loss"] <= target:
+            if prev is None:
+                return p["seconds"]
+            f = (prev["val_loss"] - target) / (prev["val_loss"] - p["val_loss"])
+            return prev["seconds"] + f * (p["seconds"] - prev["seconds"])
+    return None
+
+
+def plot_svg(lines, path, title, xlabel, W=640, H=400):
+    """A line chart in hand-written SVG: lines = [(label, colour, [(x, y), ...]), ...], the x
+    axis from 0, one legend entry per label."""
+    left, right, top, bottom = 60, 130, 30, 45  # margins
+    xs, ys = zip(*(p for *_, pts in lines for p in pts))
+    x1, y0, y1 = max(xs), min(ys), max(ys) + 1e-9
+    def sx(x): return left + x / x1 * (W - left - right)
+    def sy(y): return top + (y1 - y) / (y1 - y0) * (H - top - bottom)
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           'font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>',
+           f'<text x="{(W + left - right) / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>',
+           f'<path d="M{left},{top} V{H - bottom} H{W - right}" stroke="black" fill="none"/>']
+    for i in range(5):  # ticks, and grid lines across
+        x, y = x1 * i / 4, y0 + (y1 - y0) * i / 4
+        xt = f"{x:,.0f}" if x1 >= 10 else f"{x:.2f}"
+        svg += [f'<text x="{sx(x):.1f}" y="{H - bottom + 16}" text-anchor="middle">{xt}</text>',
+                f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3f}</text>',
+                f'<path d="M{left},{sy(y):.1f} H{W - right}" stroke="#dddddd"/>']
+    for label, colour, pts in lines:
+        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        svg.append(f'<polyline points="{d}" fill="none" stroke="{colour}" stroke-width="1.5">'
+                   f'<title>{label}</title></polyline>')
+    for i, (label, colour) in enumerate(dict((l, c) for l, c, _ in lines).items()):
+        y = top + 10 + 18 * i
+        svg += [f'<path d="M{W - right + 10},{y} h20" stroke="{colour}" stroke-width="3"/>',
+                f'<text x="{W - right + 36}" y="{y + 4}">{label}</text>']
+    with open(path, "w") as f:
+        f.write("\n".join(svg + ["</svg>\n"]))
+
+
+def train_arm():
+    """python study.py --train ARGS is python train.py ARGS, with the arch arms of the base
+    preset in ARGS added to model.presets as "<base>:<arm>" (train.py takes shapes by name)."""
+    sys.argv.remove("--train")
+    name = next((a.partition("=")[2] for a in sys.argv if a.startswith("--preset=")), "")
+    if (base := name.partition(":")[0]) in presets:
+        presets.update({f"{base}:{arm}": c for arm, c in arch_configs(presets[base]).items()})
+    train.main()
+
+
 if __name__ == "__main__":
-    main()
+    train_arm() if "--train" in sys.argv[1:] else main()
