@@ -136,8 +136,11 @@ class GPT(nn.Module):
         tables. A model built under torch.device("meta") gets its values this way after
         to_empty(device=...)."""
         for m in self.modules():
-            if isinstance(m, (nn.RMSNorm, MoE)):
+            if isinstance(m, nn.RMSNorm):
                 m.reset_parameters()
+            elif isinstance(m, MoE):  # balance state starts at zero; its matrices are below
+                m.gate.bias.zero_()
+                m.tokens_per_expert.zero_()
         cos, sin = rope_cache(self.cfg)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

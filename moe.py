@@ -166,6 +166,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------
 
+def _fan_in_uniform(w):
+    """nn.Linear's default init range, U(-1/sqrt(in), 1/sqrt(in)), for (..., out, in) weights."""
+    return nn.init.uniform_(w, -w.shape[-1] ** -0.5, w.shape[-1] ** -0.5)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Shared experts and dense layers."""
 
@@ -191,7 +196,7 @@ class Gate(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        nn.init.uniform_(self.weight, -self.cfg.dim ** -0.5, self.cfg.dim ** -0.5)
+        _fan_in_uniform(self.weight)
         nn.init.zeros_(self.bias)
 
     def _apply(self, fn, recurse=True):
@@ -239,23 +244,22 @@ class MoE(nn.Module):
         E, D, H = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
         self.gate = Gate(cfg)
         self.experts = nn.ParameterDict({  # stacked like nn.Linear weights: (E, out, in)
-            "w1": nn.Parameter(torch.empty(E, H, D)),
-            "w3": nn.Parameter(torch.empty(E, H, D)),
-            "w2": nn.Parameter(torch.empty(E, D, H)),
+            "w1": nn.Parameter(_fan_in_uniform(torch.empty(E, H, D))),
+            "w3": nn.Parameter(_fan_in_uniform(torch.empty(E, H, D))),
+            "w2": nn.Parameter(_fan_in_uniform(torch.empty(E, D, H))),
         })
         self.shared_experts = MLP(D, cfg.n_shared_experts * H) if cfg.n_shared_experts else None
         # loads since the last bias update: int64, so casting the module never rounds them
-        self.register_buffer("tokens_per_expert", torch.empty(E, dtype=torch.long),
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.long),
                              persistent=False)
-        self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Initialise every parameter and buffer: also how a model built on the meta device
+        """Initialise every parameter and buffer again: how a layer built on the meta device
         (then moved with to_empty) gets its values."""
         self.gate.reset_parameters()
-        for w in self.experts.values():  # nn.Linear's default range, U(-1/sqrt(in), 1/sqrt(in))
-            nn.init.uniform_(w, -w.shape[-1] ** -0.5, w.shape[-1] ** -0.5)
+        for w in self.experts.values():
+            _fan_in_uniform(w)
         if self.shared_experts is not None:
             for lin in self.shared_experts.children():
                 lin.reset_parameters()

@@ -449,7 +449,7 @@ def simulate_router_balancing(flip_sign, skew=0.1, steps=100, gamma=1e-2, balanc
     vios = []
     for step in range(balance_first + steps):
         with torch.no_grad():
-            moe(torch.randn(2, 128, D) + 1)
+            moe(torch.randn(2, 32, D) + 1)
         before = moe.gate.bias.clone()
         vios.append(moe.update_bias(gamma)[1].item())
         if flip_sign and step >= balance_first:  # the shipped trap: b += gamma * sign(load - mean)
