@@ -1,29 +1,26 @@
 """
 Benchmark the MoE layer and a training step: eager vs torch.compile, "loop" vs "grouped"
-dispatch, real / balanced / skewed routing, each against the dense-matmul ceiling of the same
-shapes measured in the same run.
+dispatch, real / balanced / skewed routing, each against a dense ceiling from the same run.
 
     python bench.py                          # CPU: ~3 minutes on 2 idle cores; GPU: preset "gpu"
     python bench.py --preset=tiny            # seconds, eager only: the CI smoke test
-    python bench.py --preset=v3 --json=out/bench_v3.json
-    python bench.py --cases=qwen3:8192 --routings=skewed --modes=compiled --repeats=50
+    python bench.py --cases=qwen3:32768 --passes=fwd+bwd --modes=compiled,autotune
+    .ci/gpu                                  # the GPU check: CUDA tests, this, train.py
 
-Every setting below can be overridden with --key=value. bf16 weights and activations; each
-number is the median of `repeats` timed calls after `warmup` untimed ones.
-- pass: "fwd" = eval mode under no_grad; "fwd+bwd" = train mode, forward and backward with a
-  random output gradient and the input's gradient; "train" = one step of model.py (forward,
-  backward, AdamW, update_bias) under bf16 autocast with fp32 weights.
-- TFLOP/s counts only the work done: K active experts per token, shared experts, router;
-  backward = 2x forward; elementwise work is free. "train" uses model.flops_per_token().
-- ceiling: the same matmuls, every routed row through one dense weight, and nothing else;
-  ceiling_ratio = ceiling ms / our ms, so 1.0 is a layer that is all matmul.
-- % peak: TFLOP/s over a big square bf16 matmul's, best of first and last ("train": MFU).
-- compile s: warm-up time beyond steady state, i.e. compiling (cold unless inductor's cache in
-  /tmp holds the graph), never part of ms. A recompile for a new routing shows here too.
+Settings below, as --key=value. Each number is the median of `repeats` timed calls after `warmup`
+untimed ones, where compiling happens ("compile s", cold unless inductor's /tmp cache has it).
+- dtype: the layer's weights and inputs, the train step's autocast; "auto" = train.py's choice.
+- pass: "fwd" = eval mode under no_grad; "fwd+bwd" = train mode, random output gradient;
+  "train" = one step of model.py (forward, backward, AdamW, update_bias).
+- mode: "compiled" = torch.compile; "autotune" = its max-autotune-no-cudagraphs mode, where
+  inductor's Triton GEMM templates (grouped GEMM too, on Hopper) compete with ATen's.
+- TFLOP/s counts only the work done (K active experts, shared experts, router; backward = 2x
+  forward); "train" uses model.flops_per_token(). % peak: over a big square matmul in `dtype`.
+- ceiling: the same matmuls, every routed row through one dense weight; the column is ceiling ms
+  / our ms (1.0 = all matmul). For "train" the ceiling is the model with every block dense at its
+  active width, (K + shared) * moe_inter_dim, and the column is the MoE tax (tokens/s ratio).
 - routing: "real" = the router at init on random inputs; "balanced" / "skewed" = gate.bias
-  fitted so the same router yields equal / Zipf(zipf) loads. The bias only picks who, so the
-  rest is the real layer. The MaxVio reached [LF eq. 4] is printed beside the name.
-- GiB: peak memory allocated during the timed calls (GPU only).
+  fitted so the same router yields equal / Zipf(zipf) loads, MaxVio [LF eq. 4] beside the name.
 On a CPU, time an otherwise idle machine: OpenMP threads stall when the cores are shared.
 """
 import os
@@ -31,6 +28,7 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 from datetime import datetime
 from json import dumps
 
@@ -43,26 +41,28 @@ from rich.table import Table
 
 from model import GPT, presets as model_presets
 from moe import MoE, MoEConfig, max_vio, update_bias
-from train import default_settings, parse_overrides
+from train import auto_dtype, default_settings, parse_overrides, resolve_device
 
 # ----------------------------------------------------------------------------- settings
 preset = ""                  # "" = "gpu" on a GPU, else "cpu"; a key of `presets`
 device = "auto"              # "auto", "cpu", "cuda", "cuda:1", ...
+dtype = "auto"               # "auto" (train.py's choice for the device), "bfloat16", "float32"
 cases = "small:4096"         # comma-separated layer:tokens, layers from `layers`
 routings = "real,balanced,skewed"
 dispatches = "loop,grouped"
-modes = "eager,compiled"
+modes = "eager,compiled"     # also "autotune"
+compile_loop = True          # False: the loop eager only (a graph break per expert)
 passes = "fwd,fwd+bwd,train"
 zipf = 1.0                   # skewed loads: the expert of rank r gets a share ~ r^-zipf
 warmup = 2                   # untimed calls first; compiling happens here
 repeats = 5                  # timed calls; the median is reported
 model = "cpu"                # model.py preset of the train pass
 batch_size = 8               # sequences of block_size tokens per train step
-peak_size = 2048             # n of the (n, n) @ (n, n) bf16 matmul that sets "% peak"
+peak_size = 2048             # n of the (n, n) @ (n, n) matmul that sets "% peak"
 seed = 0
 json = ""                    # also write the rows to this path
 
-_GPU = dict(peak_size=8192, warmup=3, repeats=20, model="gpu", batch_size=16)
+_GPU = dict(peak_size=8192, warmup=3, repeats=20, model="gpu", batch_size=16, compile_loop=False)
 presets = {  # overrides of the settings above
     "tiny": dict(cases="tiny:256", modes="eager", warmup=1, repeats=2,
                  model="tiny", batch_size=2, peak_size=256),  # compiling would take minutes
@@ -79,13 +79,15 @@ layers = {  # MoEConfig fields; published shapes from shared/reference section 8
     "moonlight": dict(dim=2048, moe_inter_dim=1408, n_routed_experts=64,  # and DeepSeek-V2-Lite
                       n_activated_experts=6, n_shared_experts=2),
     "qwen3": dict(dim=2048, moe_inter_dim=768, n_routed_experts=128,  # Qwen3-30B-A3B's shape
-                  n_activated_experts=8, n_shared_experts=0, score_func="softmax"),
+                  n_activated_experts=8, n_shared_experts=0,
+                  score_func="softmax", norm_topk_prob=True),  # and Qwen3's router
     "v3": dict(dim=7168, moe_inter_dim=2048, n_routed_experts=256,  # one DeepSeek-V3 671B layer
                n_activated_experts=8, n_shared_experts=1, n_expert_groups=8, n_limited_groups=4,
                route_scale=2.5),
 }
 _settings = default_settings(globals())
 _progress = None  # main()'s progress bar
+_dtype, _dtype_reason, _runs = torch.bfloat16, "", []  # configure() sets them
 
 
 def fail(msg):
@@ -94,25 +96,32 @@ def fail(msg):
 
 def configure(argv):
     """--key=value overrides typed like the defaults, over the preset's; lists get split."""
+    global _dtype, _dtype_reason, _runs
     given = parse_overrides(argv, _settings)
-    dev = given.get("device", device)
-    dev = dev if dev != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device(given.get("device", device))
     name = given.get("preset") or ("gpu" if dev.startswith("cuda") else "cpu")
     if name not in presets:
         fail(f"--preset={name!r}: expected one of {', '.join(presets)}")
     globals().update({**presets[name], **given, "preset": name, "device": dev})
     if model not in model_presets:
         fail(f"--model={model!r}: expected one of {', '.join(model_presets)}")
+    if dtype not in ("auto", "bfloat16", "float32"):
+        fail(f"--dtype={dtype!r}: expected auto, bfloat16 or float32")
+    name, _dtype_reason = auto_dtype(dev) if dtype == "auto" else (dtype, "--dtype")
+    _dtype = getattr(torch, name)
     for key, valid in (("cases", [f"{n}:TOKENS" for n in layers]),
                        ("passes", ["fwd", "fwd+bwd", "train"]),
                        ("routings", ["real", "balanced", "skewed"]),
-                       ("dispatches", ["loop", "grouped"]), ("modes", ["eager", "compiled"])):
+                       ("dispatches", ["loop", "grouped"]),
+                       ("modes", ["eager", "compiled", "autotune"])):
         items = [item for item in globals()[key].split(",") if item]
         for item in items:
             layer, _, tokens = item.partition(":")
             if item not in valid and not (key == "cases" and layer in layers and tokens.isdigit()):
                 fail(f"--{key}: {item!r} is not one of {', '.join(valid)}")
         globals()[key] = items
+    _runs = [(d, m) for d in dispatches for m in modes  # the (dispatch, mode) pairs to time
+             if compile_loop or d == "grouped" or m == "eager"]
 
 
 def measure(what, fn, stat=statistics.median):
@@ -140,7 +149,13 @@ def row(s, flops, tokens, **columns):
 
 
 def rand(*shape):
-    return torch.randn(*shape, device=device, dtype=torch.bfloat16)
+    return torch.randn(*shape, device=device, dtype=_dtype)
+
+
+def compiled(module, mode, fullgraph):
+    """The module itself ("eager"), or torch.compile of it in `mode`."""
+    return module if mode == "eager" else torch.compile(
+        module, fullgraph=fullgraph, mode={"autotune": "max-autotune-no-cudagraphs"}.get(mode))
 
 
 def gemms(c: MoEConfig, T: int):
@@ -200,7 +215,7 @@ def bench_layer(case):
         rows.append(row(ceiling[p], flops * (3 if p == "fwd+bwd" else 1), T, case=case,
                         **{"pass": p}, routing="-", maxvio=None, dispatch="ceiling", mode="-",
                         compile_s=None, peak_mem_gib=mem, ceiling_ratio=1.0))
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16: a V3 layer is 45 GB in fp32
+    torch.set_default_dtype(_dtype)  # built in `dtype`: a V3 layer is 22 GB in bf16, 45 in fp32
     with torch.device(device):
         layer = MoE(c)  # gate.bias is float32 all the same
     torch.set_default_dtype(torch.float32)
@@ -224,71 +239,80 @@ def bench_layer(case):
         x.grad = None
         layer.zero_grad(set_to_none=True)
 
-    for d in dispatches:
+    for d, m in _runs:
         layer.cfg.dispatch = d
-        for m in modes:
-            torch._dynamo.reset()  # compile cold, per dispatch; frees the previous graphs
-            f = torch.compile(layer, fullgraph=d == "grouped") if m == "compiled" else layer
-            for p in layer_passes:
-                layer.train(p == "fwd+bwd")
-                step = fwd if p == "fwd" else fwd_bwd
-                for r in routings:
-                    layer.gate.bias.copy_(bias[r])
-                    s, comp, mem = measure(f"{case} {d} {m} {p} {r}", lambda: step(f))
-                    rows.append(row(s, flops * (3 if p == "fwd+bwd" else 1), T, case=case,
-                                    **{"pass": p}, routing=r, maxvio=vio[r], dispatch=d, mode=m,
-                                    compile_s=comp if m == "compiled" else None, peak_mem_gib=mem,
-                                    ceiling_ratio=ceiling[p] / s))
+        torch._dynamo.reset()  # compile cold, per dispatch and mode; frees the old graphs
+        f = compiled(layer, m, fullgraph=d == "grouped")
+        for p in layer_passes:
+            layer.train(p == "fwd+bwd")
+            step = fwd if p == "fwd" else fwd_bwd
+            for r in routings:
+                layer.gate.bias.copy_(bias[r])
+                s, comp, mem = measure(f"{case} {d} {m} {p} {r}", lambda: step(f))
+                rows.append(row(s, flops * (3 if p == "fwd+bwd" else 1), T, case=case,
+                                **{"pass": p}, routing=r, maxvio=vio[r], dispatch=d, mode=m,
+                                compile_s=comp if m != "eager" else None, peak_mem_gib=mem,
+                                ceiling_ratio=ceiling[p] / s))
     torch._dynamo.reset()
     return rows
 
 
 def bench_train():
-    """Rows of whole training steps of model.py: forward, backward, AdamW, bias update."""
-    cfg = model_presets[model]
-    torch.manual_seed(seed)
-    with torch.device(device):
-        gpt = GPT(cfg)  # float32 master weights
-        tokens = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1))
-    idx, targets = tokens[:, :-1], tokens[:, 1:]
-    opt = torch.optim.AdamW(gpt.parameters(), lr=1e-4)
-    rows = []
-    for m in modes:
-        torch._dynamo.reset()
-        f = torch.compile(gpt, fullgraph=cfg.moe.dispatch == "grouped") if m == "compiled" else gpt
+    """Rows of whole training steps (forward, backward, AdamW, bias update) of the `model`
+    preset and of its dense twin, every block dense at the MoE's active width: the ceiling."""
+    moe_cfg = model_presets[model]
+    dense_cfg = replace(moe_cfg, n_dense_layers=moe_cfg.n_layer)  # inter_dim: (K + shared) * H
+    rows, ceiling = [], {}
+    for dispatch, cfg in (("ceiling", dense_cfg), (moe_cfg.moe.dispatch, moe_cfg)):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            gpt = GPT(cfg)  # float32 master weights
+            tokens = torch.randint(cfg.vocab_size, (batch_size, cfg.block_size + 1))
+        idx, targets = tokens[:, :-1], tokens[:, 1:]
+        opt = torch.optim.AdamW(gpt.parameters(), lr=1e-4)
+        autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                                  enabled=_dtype == torch.bfloat16)
+        for m in modes:
+            torch._dynamo.reset()
+            f = compiled(gpt, m, fullgraph=cfg.moe.dispatch == "grouped")
 
-        def step():
-            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
-                loss = f(idx, targets)[1]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            update_bias(gpt)
+            def step():
+                with autocast:
+                    loss = f(idx, targets)[1]
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                update_bias(gpt)
 
-        s, comp, mem = measure(f"train step, model={model}, {m}", step)
-        rows.append(row(s, gpt.flops_per_token() * idx.numel(), idx.numel(),
-                        case=f"model:{model}", **{"pass": "train"}, routing="real", maxvio=None,
-                        dispatch=cfg.moe.dispatch, mode=m, peak_mem_gib=mem,
-                        compile_s=comp if m == "compiled" else None, ceiling_ratio=None))
+            what = "dense twin" if dispatch == "ceiling" else "MoE"
+            s, comp, mem = measure(f"train step, model={model} ({what}), {m}", step)
+            ceiling.setdefault(m, s)
+            rows.append(row(s, gpt.flops_per_token() * idx.numel(), idx.numel(),
+                            case=f"model:{model}", **{"pass": "train"},
+                            routing="-" if dispatch == "ceiling" else "real",
+                            maxvio=None, dispatch=dispatch, mode=m, peak_mem_gib=mem,
+                            compile_s=comp if m != "eager" else None,
+                            ceiling_ratio=ceiling[m] / s))
+        del gpt, opt
     torch._dynamo.reset()
     return rows
 
 
 def add_speedups(rows):
-    """compiled over eager, grouped over loop: the other row's ms over this row's ms."""
+    """compiled (or autotune) over eager, grouped over loop: the other row's ms over this one's."""
     key = ("case", "pass", "routing", "dispatch", "mode")
     ms = {tuple(r[k] for k in key): r["ms"] for r in rows}
     for r in rows:
-        for col, k, this, other in (("speedup_compiled", "mode", "compiled", "eager"),
-                                    ("speedup_grouped", "dispatch", "grouped", "loop")):
+        for col, k, other in (("speedup_compiled", "mode", "eager"),
+                              ("speedup_grouped", "dispatch", "loop")):
             o = ms.get(tuple(other if kk == k else r[kk] for kk in key))
-            r[col] = o / r["ms"] if r[k] == this and o else None
+            r[col] = o / r["ms"] if o and r[k] not in (other, "-", "ceiling") else None
 
 
 def show(rows, console):
     cols = {"case": "", "routing": "", "dispatch": "", "mode": "", "pass": "", "ms": ".2f",
             "compile s": ".1f", "tok/s": ",.0f", "TFLOP/s": ".3f", "ceiling": ".2f",
-            "% peak": ".0f", "compiled/eager": ".2f", "grouped/loop": ".2f", "GiB": ".2f"}
+            "% peak": ".0f", "x eager": ".2f", "x loop": ".2f", "GiB": ".2f"}
     if all(r["peak_mem_gib"] is None for r in rows):
         del cols["GiB"]  # no allocator statistics on a CPU
     table = Table()
@@ -302,6 +326,23 @@ def show(rows, console):
                   r["peak_mem_gib"]]
         table.add_row(*["" if v is None else format(v, f) for v, f in zip(values, cols.values())])
     console.print(table)
+    for r in (r for r in rows if r["pass"] == "train" and r["dispatch"] != "ceiling"):
+        console.print(f"MoE tax, {r['case']} {r['mode']}: MoE tokens/s / dense tokens/s = "
+                      f"{r['ceiling_ratio']:.2f}", highlight=False)
+
+
+def save(rows, peak, header, complete):
+    """Fill in % peak and speed-ups; write the rows to `json` if set (after every case too:
+    a run cut short keeps its rows)."""
+    for r in rows:
+        r["peak_frac"] = r["tflops"] * 1e12 / peak
+    add_speedups(rows)
+    if not json:
+        return
+    os.makedirs(os.path.dirname(json) or ".", exist_ok=True)
+    with open(json, "w") as fh:
+        fh.write(dumps(dict(header, peak_tflops=peak / 1e12, complete=complete, rows=rows,
+                            date=datetime.now().isoformat(timespec="seconds")), indent=1))
 
 
 def main():
@@ -315,9 +356,14 @@ def main():
         console.width = max(console.width, 160)  # logs and CI: one line per row
     name = torch.cuda.get_device_name(device) if device.startswith("cuda") else \
         f"cpu ({os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()})"
+    header = dict(command=" ".join(["python bench.py", *sys.argv[1:]]), device=name,
+                  torch=torch.__version__, dtype=str(_dtype).removeprefix("torch."),
+                  dtype_reason=_dtype_reason, settings={k: globals()[k] for k in _settings})
+    console.print(f"{header['command']} (preset {preset}) on {name}, torch {torch.__version__}, "
+                  f"{header['dtype']} ({_dtype_reason})", highlight=False, soft_wrap=True)
     n_layer_passes = sum(p != "train" for p in passes)
-    total = (2 + len(cases) * n_layer_passes * (1 + len(dispatches) * len(modes) * len(routings))
-             + len(modes) * ("train" in passes))
+    total = (2 + len(cases) * n_layer_passes * (1 + len(_runs) * len(routings))
+             + 2 * len(modes) * ("train" in passes))
     started, rows = time.perf_counter(), []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console) as _progress:
@@ -326,24 +372,15 @@ def main():
         peak = 2 * peak_size**3 / measure("dense peak", lambda: a @ b, stat=min)[0]  # best case
         for case in cases:
             rows += bench_layer(case)
+            save(rows, peak, header, complete=False)
         if "train" in passes:
             rows += bench_train()
         peak = max(peak, 2 * peak_size**3 / measure("dense peak", lambda: a @ b, stat=min)[0])
-    for r in rows:
-        r["peak_frac"] = r["tflops"] * 1e12 / peak
-    add_speedups(rows)
-    command = " ".join(["python bench.py", *sys.argv[1:]])
-    console.print(f"{command} (preset {preset}) on {name}, torch {torch.__version__}, bf16; dense "
-                  f"peak {peak / 1e12:.2f} TFLOP/s; {time.perf_counter() - started:.0f} s",
-                  highlight=False, soft_wrap=True)
+    save(rows, peak, header, complete=True)
+    console.print(f"dense {header['dtype']} peak {peak / 1e12:.2f} TFLOP/s; "
+                  f"{time.perf_counter() - started:.0f} s", highlight=False)
     show(rows, console)
     if json:
-        os.makedirs(os.path.dirname(json) or ".", exist_ok=True)
-        top = dict(device=name, torch=torch.__version__, peak_tflops=peak / 1e12,
-                   date=datetime.now().isoformat(timespec="seconds"),
-                   settings={k: globals()[k] for k in _settings})
-        with open(json, "w") as fh:
-            fh.write(dumps(dict(top, rows=rows), indent=1))
         console.print(f"wrote {len(rows)} rows to {json}")
 
 
