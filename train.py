@@ -64,7 +64,7 @@ bias_freeze_frac = 0.0       # final fraction of iterations with gamma = 0 (V3: 
 init_from = "scratch"        # "scratch" or "resume"
 compile = True
 device = "auto"              # "auto", "cpu", "cuda", "cuda:1", ...
-dtype = "bfloat16"           # autocast dtype: "bfloat16" or "float32" (fp32 master weights)
+dtype = "auto"               # autocast: "auto" (bf16 where the hardware has it), "bfloat16", "float32"
 seed = 1337
 sample = False               # only sample from out_dir/ckpt.pt, then exit
 prompt = "\n"
@@ -320,14 +320,14 @@ def main():
             globals()[key] = value
     if preset not in presets:
         sys.exit(f"--preset={preset!r}: expected one of {', '.join(presets)}")
-    if init_from not in ("scratch", "resume") or dtype not in ("bfloat16", "float32"):
+    if init_from not in ("scratch", "resume") or dtype not in ("auto", "bfloat16", "float32"):
         sys.exit(f"init_from={init_from!r} / dtype={dtype!r}: see the docstring for valid values")
     config = {k: globals()[k] for k in settings}
 
     # distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
     ddp = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    dev = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    dev = resolve_device(device)
     if ddp:
         dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
         if dev.startswith("cuda"):
@@ -336,7 +336,8 @@ def main():
     master = rank == 0
     console = Console(quiet=not master)
     dev_type = "cuda" if dev.startswith("cuda") else "cpu"
-    ctx = torch.autocast(dev_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    dtype_name, why = auto_dtype(dev) if dtype == "auto" else (dtype, "set by --dtype")
+    ctx = torch.autocast(dev_type, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
@@ -423,6 +424,7 @@ def main():
     console.print(f"[bold]{preset}[/] preset on {dev} ({world} rank(s)): "
                   f"{raw_model.num_params() / 1e6:.2f}M parameters, "
                   f"{raw_model.num_params(active=True) / 1e6:.2f}M active per token; "
+                  f"{dtype_name} ({why}); "
                   f"data={data} ({len(splits['train']) / 1e6:.1f}M train tokens); "
                   f"balance={balance} (gamma={bias_update_speed}, alpha={seq_aux_alpha}, "
                   f"{aux_scope}); {tokens_per_step} tokens per step")
