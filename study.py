@@ -106,11 +106,9 @@ def noise_floor(n_experts, k, tokens, draws=20, seed=0):
     """Expected MaxVio of uniformly random top-k routing over `tokens` tokens: the value a
     perfectly balanced router still shows from sampling noise alone."""
     gen = torch.Generator().manual_seed(seed)
-    vios = []
-    for _ in range(draws):
-        picks = torch.rand(tokens, n_experts, generator=gen).topk(k, dim=-1).indices
-        vios.append(max_vio(torch.bincount(picks.flatten(), minlength=n_experts).double()))
-    return torch.stack(vios).mean().item()
+    picks = [torch.rand(tokens, n_experts, generator=gen).topk(k, dim=-1).indices
+             for _ in range(draws)]
+    return fmean(max_vio(torch.bincount(p.flatten(), minlength=n_experts)).item() for p in picks)
 
 
 def run(console, out, cmd):
@@ -204,11 +202,10 @@ def summarise_balance(arm, rows, settings):
     train_rows = [r for r in rows if "loss" in r]
     final = [r for r in rows if "val_loss" in r][-1]
     last = [r for r in train_rows if r["iter"] > 0.8 * settings["max_iters"]] or train_rows[-1:]
-    speeds = sorted(r["tokens_per_s"] for r in train_rows)
     return {"arm": arm, "val_loss": final["val_loss"], "maxvio_global": final["maxvio_global"],
             "maxvio_batch": sum(r["maxvio_batch"] for r in last) / len(last),
             "dead_experts": sum(v == 0 for layer in final["loads"] for v in layer),
-            "tokens_per_s": speeds[len(speeds) // 2], "loads": final["loads"]}
+            "tokens_per_s": median(r["tokens_per_s"] for r in train_rows), "loads": final["loads"]}
 
 
 def arch_study(chosen, settings, out_dir, n_seeds):
