@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import train
 from model import GPT, GPTConfig, presets
 from moe import MLP, MoE, MoEConfig, max_vio, update_bias
@@ -112,32 +113,55 @@ def write_shard(path, tokens, magic=20240520, truncate=0):
 
 
 def test_text_file_and_folder_load_as_bytes(text_file, tmp_path):
-    splits = train.load_data(text_file, str(tmp_path / "cache"), 16)
+    splits = data.load_data(text_file, str(tmp_path / "cache"), 16)
     raw = open(text_file, "rb").read()
-    assert bytes(torch.cat([splits["train"], splits["val"]]).tolist()) == raw
+    assert bytes(torch.cat(splits["train"] + splits["val"]).tolist()) == raw
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "a.txt").write_text("a" * 600)
     (folder / "b.txt").write_text("b" * 600)
-    splits = train.load_data(str(folder), str(tmp_path / "cache"), 16)
-    assert len(splits["train"]) + len(splits["val"]) == 1201  # joined with one newline
+    splits = data.load_data(str(folder), str(tmp_path / "cache"), 16)
+    assert len(splits["train"][0]) + len(splits["val"][0]) == 1201  # joined with one newline
 
 
 def test_stdlib_data_is_split_by_file_and_cached(tmp_path):
-    splits = train.load_data("stdlib", str(tmp_path), 16)
-    assert len(splits["train"]) > 10 * len(splits["val"]) > 0
-    assert b"def " in bytes(splits["val"][:100_000].tolist())
+    (train_tokens,), (val_tokens,) = data.load_data("stdlib", str(tmp_path), 16).values()
+    assert len(train_tokens) > 10 * len(val_tokens) > 0
+    assert b"def " in bytes(val_tokens[:100_000].tolist())
     assert any(p.endswith(".pt") for p in os.listdir(tmp_path))
-    again = train.load_data("stdlib", str(tmp_path), 16)
-    assert torch.equal(again["val"], splits["val"])
+    again = data.load_data("stdlib", str(tmp_path), 16)
+    assert torch.equal(again["val"][0], val_tokens)
 
 
 def test_bin_shards_load_with_val_split(tmp_path):
     write_shard(tmp_path / "d_train_000.bin", list(range(1000)))
     write_shard(tmp_path / "d_val_000.bin", [7] * 500)
-    splits = train.load_data(str(tmp_path / "d_*.bin"), str(tmp_path), 16)
-    assert splits["train"].tolist() == list(range(1000))
-    assert splits["val"].tolist() == [7] * 500
+    splits = data.load_data(str(tmp_path / "d_*.bin"), str(tmp_path), 16)
+    assert [s.tolist() for s in splits["train"]] == [list(range(1000))]
+    assert [s.tolist() for s in splits["val"]] == [[7] * 500]
+
+
+def test_bin_batches_are_windows_of_one_shard_never_concatenated(tmp_path, monkeypatch):
+    sizes = [40, 300, 1000]  # shard k holds 1000k, 1000k + 1, ...: a window names its shard
+    for k, n in enumerate(sizes):
+        write_shard(tmp_path / f"d_train_{k}.bin", [1000 * k + t for t in range(n)])
+    write_shard(tmp_path / "d_val.bin", list(range(100)))
+    def no_cat(*args, **kwargs):
+        raise AssertionError("shards must not be concatenated")
+    monkeypatch.setattr(torch, "cat", no_cat)
+    monkeypatch.setattr(torch, "concat", no_cat)
+    splits = data.load_data(str(tmp_path / "d_*.bin"), str(tmp_path), 16)
+    assert [len(s) for s in splits["train"]] == sizes
+    gen, picked = torch.Generator().manual_seed(0), []
+    for _ in range(40):
+        x, y = data.get_batch(splits["train"], gen, 8, 16, "cpu")
+        for row in [a + b[-1:] for a, b in zip(x.tolist(), y.tolist())]:
+            k, start = divmod(row[0], 1000)
+            assert row == list(range(row[0], row[0] + 17))  # consecutive: one shard, no seam
+            assert start + 17 <= sizes[k]                   # in range of that shard
+            picked.append(k)
+    counts = [picked.count(k) for k in range(3)]  # windows: 24, 284, 984 -> ~2%, 22%, 76%
+    assert counts[0] < counts[1] < counts[2] and counts[0] > 0, counts
 
 
 @pytest.mark.parametrize("kind,message", [("magic", "magic"), ("truncated", "truncated"),
@@ -159,7 +183,7 @@ def test_bad_data_gets_a_clear_error(tmp_path, kind, message):
     elif kind == "missing":
         spec = str(tmp_path / "nothing.txt")
     with pytest.raises(SystemExit, match=message):
-        train.load_data(spec, str(tmp_path), 16)
+        data.load_data(spec, str(tmp_path), 16)
 
 
 def test_overrides_are_typed_and_unknown_keys_refused():
@@ -289,7 +313,7 @@ def _train_arm(arm, steps=100, seed=0, skew=0.5):
     corpus = torch.tensor(list(b"def f(x):\n    return x * 2 + 1\n" * 200))
     inputs = []
     hooks = [m.gate.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])) for m in moes]
-    model(train.get_batch(corpus, gen, 8, 32, "cpu")[0])
+    model(data.get_batch([corpus], gen, 8, 32, "cpu")[0])
     for h in hooks:
         h.remove()
     with torch.no_grad():  # skew: the first K experts' router rows point along the mean input
@@ -300,7 +324,7 @@ def _train_arm(arm, steps=100, seed=0, skew=0.5):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     recent = []
     for step in range(steps):
-        x, y = train.get_batch(corpus, gen, 8, 32, "cpu")
+        x, y = data.get_batch([corpus], gen, 8, 32, "cpu")
         model(x, y)[1].backward()
         opt.step()
         opt.zero_grad()

@@ -12,18 +12,14 @@ Train a small DeepSeek-V3-style MoE GPT, offline, with aux-loss-free balancing.
 Every setting below can be overridden with --key=value. After each optimizer step the expert
 biases are updated in place from the loads of the whole step (all micro-batches, all ranks).
 """
-import glob
 import io
 import json
 import math
-import mmap
 import os
 import signal
 import sys
-import sysconfig
 import time
 import warnings
-import zlib
 from dataclasses import asdict, replace
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's optional numpy
@@ -35,6 +31,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 from rich.text import Text
 
+from data import atomic_save, get_batch, load_data
 from model import GPT, presets
 from moe import MoE, max_vio, update_bias
 
@@ -154,90 +151,6 @@ def auto_dtype(dev):
     return "float32", "this CPU has no native bf16 matmuls (bf16 would run ~3-4x slower)"
 
 
-# ----------------------------------------------------------------------------- data
-def stdlib_tokens(cache_dir):
-    """Python's own standard library sources as bytes, split into train/val by file."""
-    root = sysconfig.get_paths()["stdlib"]
-    cache = os.path.join(cache_dir, f"stdlib-{sys.version_info[0]}.{sys.version_info[1]}.pt")
-    if os.path.exists(cache):
-        return torch.load(cache)
-    parts = {"train": [], "val": []}
-    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
-        rel = os.path.relpath(path, root)
-        if "site-packages" in rel:
-            continue
-        with open(path, "rb") as f:  # 1 file in 20 goes to val, fixed by its path
-            parts["val" if zlib.crc32(rel.encode()) % 20 == 0 else "train"].append(f.read())
-    if not parts["train"]:
-        sys.exit(f"no .py files found under {root}; use --data=PATH")
-    splits = {k: torch.frombuffer(bytearray(b"\n".join(v)), dtype=torch.uint8)
-              for k, v in parts.items()}
-    os.makedirs(cache_dir, exist_ok=True)
-    atomic_save(splits, cache)
-    return splits
-
-
-def text_tokens(path):
-    """A text file or a folder of files as bytes; the last 10% is val."""
-    files = sorted(p for p in glob.glob(os.path.join(path, "**", "*"), recursive=True)
-                   if os.path.isfile(p)) if os.path.isdir(path) else [path]
-    raw = b"\n".join(open(p, "rb").read() for p in files)
-    if len(raw) < 1000:
-        sys.exit(f"data={path!r} holds {len(raw)} bytes; need at least 1000")
-    tokens = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    n = int(0.9 * len(tokens))
-    return {"train": tokens[:n], "val": tokens[n:]}
-
-
-def read_shard(path):
-    """One llm.c / modded-nanogpt shard: 256 int32 header (magic 20240520), then uint16 tokens."""
-    if os.path.getsize(path) < 1024:
-        sys.exit(f"{path}: {os.path.getsize(path)} bytes, too short for the 1024-byte header")
-    with open(path, "rb") as f:
-        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # no copy until bin_tokens cats
-    header = torch.frombuffer(m, dtype=torch.int32, count=256)
-    if header[0] != 20240520:
-        sys.exit(f"{path}: magic {int(header[0])} is not 20240520; not an llm.c .bin shard")
-    n = int(header[2])
-    if len(m) != 1024 + 2 * n:
-        sys.exit(f"{path}: header says {n} tokens, file holds {(len(m) - 1024) // 2}: truncated?")
-    return torch.frombuffer(m, dtype=torch.uint16, offset=1024, count=n)
-
-
-def bin_tokens(pattern):
-    """Shards matching pattern, concatenated in memory (2 bytes a token); "val" in a name: val."""
-    files = sorted(glob.glob(pattern))
-    if not files:
-        sys.exit(f"data={pattern!r} matches no files")
-    val = [f for f in files if "val" in os.path.basename(f)] or files[-1:]
-    train = [f for f in files if f not in val] or val
-    return {"train": torch.cat([read_shard(f) for f in train]),
-            "val": torch.cat([read_shard(f) for f in val])}
-
-
-def load_data(spec, cache_dir, block):
-    if spec == "stdlib":
-        splits = stdlib_tokens(cache_dir)
-    elif spec.endswith(".bin"):
-        splits = bin_tokens(spec)
-    elif os.path.exists(spec):
-        splits = text_tokens(spec)
-    else:
-        sys.exit(f"data={spec!r}: no such file or folder")
-    for name, tokens in splits.items():  # fail now, not at the first eval
-        if len(tokens) <= block + 1:
-            sys.exit(f"data={spec!r}: the {name} split holds {len(tokens)} tokens, too few "
-                     f"for block_size={block}")
-    return splits
-
-
-def get_batch(tokens, gen, B, L, dev):
-    """B random windows of L+1 tokens; gen makes the sequence of batches reproducible."""
-    i = torch.randint(len(tokens) - L - 1, (B,), generator=gen)
-    xy = torch.stack([tokens[j:j + L + 1] for j in i.tolist()]).long().to(dev)
-    return xy[:, :-1], xy[:, 1:]
-
-
 # ----------------------------------------------------------------------------- display
 def heatmap(loads, title):
     """Rows MoE layers, columns experts; colour = load / mean load (blue low, red high)."""
@@ -283,14 +196,6 @@ def evaluate(model, tokens, B, L, dev, ctx, iters, seed):
     for h in hooks:
         h.remove()
     return total / iters, loads
-
-
-def atomic_save(obj, path):
-    """Write to a temporary file, then rename: a crash never leaves a half-written file. One
-    temporary name per process, since torchrun ranks may write the same data cache at once."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def save_svg(renderables, path, title):
@@ -425,7 +330,7 @@ def main():
                   f"{raw_model.num_params() / 1e6:.2f}M parameters, "
                   f"{raw_model.num_params(active=True) / 1e6:.2f}M active per token; "
                   f"{dtype_name} ({why}); "
-                  f"data={data} ({len(splits['train']) / 1e6:.1f}M train tokens); "
+                  f"data={data} ({sum(map(len, splits['train'])) / 1e6:.1f}M train tokens); "
                   f"balance={balance} (gamma={bias_update_speed}, alpha={seq_aux_alpha}, "
                   f"{aux_scope}); {tokens_per_step} tokens per step")
     summary, maxvio_hist = {}, []
