@@ -198,10 +198,45 @@ def test_overrides_are_typed_and_unknown_keys_refused():
         train.parse_overrides(["--max_iters=five"], settings)
 
 
+def test_compiled_evaluation_counts_val_loads_and_not_training_counts():
+    model, K = tiny_model(), presets["tiny"].moe.n_activated_experts
+    loads = train.eval_load_counter(model, "cpu")
+    corpus = torch.tensor(list(b"def f(x):\n    return x * 2 + 1\n" * 50))
+    model(corpus[None, :64], corpus[None, 1:65])  # training mode: the hooks count nothing
+    assert loads.sum() == 0
+    for m in model.modules():
+        if isinstance(m, MoE):
+            m.tokens_per_expert.zero_()
+    compiled, ctx = torch.compile(model), torch.autocast("cpu", enabled=False)
+    val_loss, got = train.evaluate(compiled, loads, [corpus], 4, 32, "cpu", ctx, 2, 0)
+    assert torch.equal(train.evaluate(compiled, loads, [corpus], 4, 32, "cpu", ctx, 2, 0)[1], got)
+    # the reference: the same batches through the eager model, picks read from each gate
+    picks = [m.gate for m in model.modules() if isinstance(m, MoE)]
+    want, ce, gen = torch.zeros_like(got), 0.0, torch.Generator().manual_seed(0)
+    def count(j, out):
+        want[j] += torch.bincount(out[1].flatten(), minlength=want.shape[1])
+    hooks = [g.register_forward_hook(lambda g, i, out, j=j: count(j, out))
+             for j, g in enumerate(picks)]
+    model.eval()
+    for _ in range(2):
+        x, y = data.get_batch([corpus], gen, 4, 32, "cpu")
+        ce += F.cross_entropy(model(x, y)[0].flatten(0, 1), y.flatten()).item() / 2
+    for h in hooks:
+        h.remove()
+    assert got.sum(1).tolist() == [2 * 4 * 32 * K] * len(picks)
+    assert torch.equal(got, want)
+    assert val_loss == pytest.approx(ce, abs=1e-4)
+    assert all(m.tokens_per_expert.sum() == 0 for m in model.modules() if isinstance(m, MoE))
+
+
 # ------------------------------------------------------------------------------ runs
-def test_training_lowers_the_loss(tmp_path, text_file):
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_lowers_the_loss(tmp_path, text_file, device):
     rows = run_train(tmp_path, f"--data={text_file}", "--max_iters=60", "--eval_interval=60",
-                     "--log_interval=10", "--learning_rate=1e-2")
+                     "--log_interval=10", "--learning_rate=1e-2", f"--device={device}")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0] - 1.0
     evals = [r for r in rows if "val_loss" in r]

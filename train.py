@@ -176,26 +176,35 @@ def sample_text(model, text, n_tokens, dev):
 
 
 # ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model, tokens, B, L, dev, ctx, iters, seed):
-    """Val loss and per-layer expert loads over fixed val batches. The model is in eval mode,
-    so its own counts (and the bias) never see val data; hooks on the gates count instead."""
+def eval_load_counter(model, dev):
+    """(n_moe_layers, E) int64 counts of the experts each MoE layer picks in eval-mode forwards:
+    a forward hook on every gate adds its picks. Static shapes, so it compiles into the same
+    graph; it counts nothing in training, where MoE itself counts (for the bias)."""
     gates = [m.gate for m in model.modules() if isinstance(m, MoE)]
-    loads = torch.zeros(len(gates), gates[0].cfg.n_routed_experts if gates else 0)
-    def count(i, out):  # out = (weights, indices, scores) of gate i
-        loads[i] += torch.bincount(out[1].flatten(), minlength=loads.shape[1]).cpu()
-    hooks = [g.register_forward_hook(lambda mod, inp, out, i=i: count(i, out))
-             for i, g in enumerate(gates)]
+    loads = torch.zeros(len(gates), gates[0].cfg.n_routed_experts if gates else 0,
+                        dtype=torch.long, device=dev)
+    def count(i, gate, out):  # out = (weights, indices, scores) of gate i
+        if not gate.training:
+            picked = out[1].flatten()
+            loads[i].index_add_(0, picked, torch.ones_like(picked))
+    for i, g in enumerate(gates):
+        g.register_forward_hook(lambda gate, inp, out, i=i: count(i, gate, out))
+    return loads
+
+
+@torch.no_grad()
+def evaluate(model, loads, shards, B, L, dev, ctx, iters, seed):
+    """Val loss and per-layer expert loads over the same val batches each time. In eval mode
+    the model's own counts (so the bias) never see val data; eval_load_counter's hooks count."""
     model.eval()
-    gen, total = torch.Generator().manual_seed(seed), 0.0
+    loads.zero_()
+    gen, total = torch.Generator().manual_seed(seed), torch.zeros((), device=dev)
     for _ in range(iters):
-        x, y = get_batch(tokens, gen, B, L, dev)
+        x, y = get_batch(shards, gen, B, L, dev)
         with ctx:
-            total += model(x, y)[1].item()  # eval mode: aux_loss is 0, this is cross-entropy
+            total += model(x, y)[1]  # eval mode: aux_loss is 0, this is cross-entropy
     model.train()
-    for h in hooks:
-        h.remove()
-    return total / iters, loads
+    return total.item() / iters, loads.double().cpu()
 
 
 def save_svg(renderables, path, title):
@@ -274,7 +283,8 @@ def main():
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=learning_rate, betas=(0.9, 0.95))
+                                  lr=learning_rate, betas=(0.9, 0.95),
+                                  fused=True if dev_type == "cuda" else None)
     train_gen = torch.Generator().manual_seed(seed + rank)
     it = 0
     if ckpt is not None:
@@ -284,8 +294,10 @@ def main():
                             torch.Generator().manual_seed(seed + rank).get_state())
         torch.set_rng_state(ckpt["rng"])
     raw_model, fwd = model, model
+    eval_loads = eval_load_counter(model, dev)
     if compile:
         fwd = torch.compile(model)
+    compiled = fwd  # evaluation runs it too, without DDP's wrapper
     if ddp:  # buffers are ours to keep: counts differ per rank until update_bias sums them
         fwd = torch.nn.parallel.DistributedDataParallel(fwd, broadcast_buffers=False)
 
@@ -343,8 +355,8 @@ def main():
     with progress:
         while True:
             if (it % eval_interval == 0 and it > start_it) or it == max_iters:
-                val_loss, val_loads = evaluate(raw_model, splits["val"], B, L, dev, ctx,
-                                               eval_iters, seed)
+                val_loss, val_loads = evaluate(compiled, eval_loads, splits["val"], B, L, dev,
+                                               ctx, eval_iters, seed)
                 if not math.isfinite(val_loss):
                     nonfinite("val loss", val_loss)
                 mv_global = max_vio(val_loads).mean().item()
@@ -374,8 +386,8 @@ def main():
                 (loss / accum).backward()
             # the grad norm covers every micro-batch and, after DDP's all-reduce, every rank
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            flag = torch.stack([torch.isfinite(norm).logical_not(),
-                                torch.tensor(bool(stop), device=norm.device)]).float()
+            flag = torch.stack([torch.isfinite(norm).logical_not().float(),
+                                norm.new_full((), float(bool(stop)))])  # a fill, no copy
             if ddp:  # every rank stops at the same step, or the others would hang
                 dist.all_reduce(flag)
             bad, interrupted = flag.tolist()  # one host sync a step
@@ -414,6 +426,8 @@ def main():
         if k in summary:
             v = summary[k]
             table.add_row(k, f"{v:,.4f}" if isinstance(v, float) else str(v))
+    if dev_type == "cuda":
+        table.add_row("peak GPU memory", f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
     table.add_row("time", f"{time.time() - t_start:.0f} s")
     console.print(table)
     if ddp:
