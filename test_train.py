@@ -286,11 +286,8 @@ def test_missing_gpu_ends_with_one_line(tmp_path):
     assert "--device=cuda: no usable CUDA GPU here" in res.stderr
 
 
-def test_auto_dtype_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(train, "cpu_has_bf16_matmul", lambda: False)
+def test_auto_dtype_is_float32_on_cpu():  # the faster one there, measured (see auto_dtype)
     assert train.auto_dtype("cpu")[0] == "float32"
-    monkeypatch.setattr(train, "cpu_has_bf16_matmul", lambda: True)
-    assert train.auto_dtype("cpu")[0] == "bfloat16"
 
 
 def test_startup_line_names_the_dtype_and_why(tmp_path, text_file):
