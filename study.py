@@ -5,6 +5,7 @@ what the arm is about, and one table compares them.
     python study.py                       # does aux-loss-free balancing work? ~15 min, 2 cores
     python study.py --study=arch          # does the MoE pay? DeepSeekMoE vs dense, ~20 min
     python study.py --scale=gpu           # either study at GPU size
+    python study.py --study=groups        # why node-limited routing exists, on out/ckpt.pt
     python study.py --arms=none,bias --max_iters=100   # any train.py setting passes through
 
 balance (default): train.py's --balance arms; val loss, MaxVio_global and _batch against the
@@ -36,8 +37,9 @@ from rich.console import Console
 from rich.table import Table
 
 import train
+from data import get_batch, load_data
 from model import GPT, GPTConfig, presets
-from moe import max_vio
+from moe import MoE, MoEConfig, max_vio
 from train import arms, default_settings, heatmap, parse_overrides, save_svg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -121,11 +123,58 @@ def run(console, out, cmd):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 
+@torch.no_grad()
+def groups_study(ckpt_path, batches=20, batch_size=8):
+    """Why node-limited routing exists [V3 2.1.2]: over val batches, how many expert groups
+    (in V3, nodes) one token's K experts fall into, with the router's limit and for the same
+    router (weights and bias) without it. Every group a token reaches is one more copy of the
+    token in the all-to-all dispatch, so this count is the dispatch traffic per token."""
+    if not os.path.exists(ckpt_path):
+        sys.exit(f"no checkpoint at {ckpt_path}: run `python train.py` first, or pass --ckpt")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    cfg = GPTConfig(**{**ckpt["model_cfg"], "moe": MoEConfig(**ckpt["model_cfg"]["moe"])})
+    E, G, M = cfg.moe.n_routed_experts, cfg.moe.n_expert_groups, cfg.moe.n_limited_groups
+    if M == G:
+        sys.exit(f"{ckpt_path}: n_limited_groups={M} of n_expert_groups={G}: no group limit")
+    model = GPT(cfg)
+    model.load_state_dict(ckpt["model"])
+    gates = [m.gate for m in model.eval().modules() if isinstance(m, MoE)]
+    inputs = {g: [] for g in gates}  # every gate's input tokens
+    hooks = [g.register_forward_pre_hook(lambda g, args: inputs[g].append(args[0])) for g in gates]
+    settings = ckpt["config"]
+    val = load_data(settings["data"], os.path.join(settings["out_dir"], "cache"),
+                    cfg.block_size)["val"]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(batches):
+        model(get_batch(val, gen, batch_size, cfg.block_size, "cpu")[0])
+    for h in hooks:
+        h.remove()
+    rows = []
+    for i, g in enumerate(gates):
+        x, spans = torch.cat(inputs[g]), []
+        for routing in (replace(cfg.moe, n_limited_groups=G), cfg.moe):  # without, then with
+            g.cfg = routing
+            groups = g(x)[1] // (E // G)                                    # (T, K) group ids
+            spans.append(torch.zeros(len(x), G).scatter_(1, groups, 1.0).sum(1))  # (T,)
+        rows.append([f"MoE {i}", *(f"{f(s):.2f}" for s in spans for f in (torch.mean, torch.max))])
+    free, limited = (sum(float(r[c]) for r in rows) / len(rows) for c in (1, 3))
+    table = Table(f"{ckpt_path}: {E} experts in {G} groups, top-{cfg.moe.n_activated_experts}",
+                  "groups per token, no limit: mean", "max", f"limit {M}: mean", "max")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table, f"The limit sends a token to {limited:.2f} groups on average instead "
+                    f"of {free:.2f}: {100 * (1 - limited / free):.0f}% less dispatch traffic.")
+    return free, limited
+
+
 def main():
-    args = dict(study="balance", scale="cpu", arms="", out_dir="", seed=1337, seeds=2)
+    args = dict(study="balance", scale="cpu", arms="", out_dir="", seed=1337, seeds=2,
+                ckpt="out/ckpt.pt")
     given = [a for a in sys.argv[1:] if a.split("=")[0].removeprefix("--") in args]
     args.update(parse_overrides(given, args))
     passthrough = [a for a in sys.argv[1:] if a not in given]
+    if args["study"] == "groups":
+        return groups_study(args["ckpt"])
     if args["study"] not in scales:
         sys.exit(f"--study={args['study']!r}: expected one of {', '.join(scales)}")
     study = args["study"]

@@ -98,3 +98,23 @@ def test_arch_study_runs_every_arm_and_writes_table_and_plots(tmp_path):
     for name in ("loss_vs_tokens.svg", "loss_vs_seconds.svg"):
         lines = ET.parse(tmp_path / name).getroot().findall("{http://www.w3.org/2000/svg}polyline")
         assert len(lines) == len(arms)
+
+
+def test_group_limit_bounds_the_groups_a_token_reaches(tmp_path):
+    """--study=groups on a tiny checkpoint (8 experts in 2 groups, top-2, limit 1): with the
+    limit every token stays in exactly one group; without it, the same router spreads."""
+    from dataclasses import asdict
+
+    from study import groups_study
+    torch.manual_seed(0)
+    model = GPT(presets["tiny"])
+    with torch.no_grad():  # a bias that alone would send every token to experts 0 and 4
+        model.layers[1].ffn.gate.bias.copy_(torch.tensor([1.0, 0, 0, 0, 1.0, 0, 0, 0]))
+    text = tmp_path / "data.txt"
+    text.write_bytes(bytes(range(32, 127)) * 40)
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": model.state_dict(), "model_cfg": asdict(model.cfg),
+                "config": {"data": str(text), "out_dir": str(tmp_path)}}, path)
+    free, limited = groups_study(str(path), batches=2, batch_size=2)
+    assert limited == 1.0
+    assert free == 2.0  # experts 0 and 4 sit in different groups
