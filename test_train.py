@@ -259,7 +259,7 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tex
     with pytest.raises(AssertionError, match="nan at iter"):  # lr 1e30 blows the weights up
         run_train(tmp_path, f"--data={text_file}", "--max_iters=10", "--eval_interval=2",
                   "--init_from=resume", "--learning_rate=1e30", "--warmup_iters=1")
-    assert torch.load(tmp_path / "ckpt.pt", weights_only=False)["iter"] == 2
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 2
 
 
 def test_sample_from_checkpoint(tmp_path, text_file):
@@ -295,6 +295,27 @@ def test_startup_line_names_the_dtype_and_why(tmp_path, text_file):
     assert "float32 (set by --dtype)" in " ".join(res.stdout.split())
 
 
+class WritesAFile:
+    """Unpickling this opens, so creates, a file: what a hostile checkpoint could do."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_checkpoint_carrying_a_pickled_object_is_refused_not_run(tmp_path):
+    victim = tmp_path / "written_by_the_checkpoint"
+    torch.save({"model": {}, "iter": 0, "payload": WritesAFile(str(victim))}, tmp_path / "ckpt.pt")
+    res = run_script(tmp_path, "--init_from=resume", check=False)
+    assert res.returncode != 0 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"{tmp_path / 'ckpt.pt'}: refused, it holds a pickled Python " \
+                                 "object (GLOBAL io.open); only load files you trust"
+    assert not victim.exists()
+    torch.load(tmp_path / "ckpt.pt", weights_only=False)  # the control: plain pickle runs it
+    assert victim.exists()
+
+
 def _ddp_worker(rank, world, port, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -326,10 +347,12 @@ def test_two_gloo_ranks_keep_identical_biases(tmp_path):
 
 
 def test_torchrun_two_ranks_trains(tmp_path, text_file):
-    rows = run_train(tmp_path, f"--data={text_file}", "--max_iters=4", "--eval_interval=4",
+    res = run_script(tmp_path, f"--data={text_file}", "--max_iters=4", "--eval_interval=4",
                      "--log_interval=2", torchrun=True)
+    assert "FutureWarning" not in res.stderr  # DDP's buffer switch under its current name
+    rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert [r["iter"] for r in rows if "loss" in r] == [2, 4]
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     assert len(ckpt["data_rng"]) == 2
 
 

@@ -12,10 +12,13 @@ Train a small DeepSeek-V3-style MoE GPT, offline, with aux-loss-free balancing.
 Every setting below can be overridden with --key=value. After each optimizer step the expert
 biases are updated in place from the loads of the whole step (all micro-batches, all ranks).
 """
+import inspect
 import io
 import json
 import math
 import os
+import pickle
+import re
 import signal
 import sys
 import time
@@ -190,6 +193,28 @@ def evaluate(model, loads, shards, B, L, dev, ctx, iters, seed):
     return total.item() / iters, loads.double().cpu()
 
 
+def load_checkpoint(path):
+    """A checkpoint of tensors and plain values. weights_only=True: a file from elsewhere that
+    carries a pickled object is refused, never run (plain pickle would execute it)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL [\w.]+", str(e))
+        sys.exit(f"{path}: refused, it holds a pickled Python object "
+                 f"({what.group(0) if what else 'not only tensors'}); only load files you trust")
+
+
+def wrap_ddp(module):
+    """DistributedDataParallel without its buffer sync: DDP would broadcast rank 0's buffers
+    before the first forward of every step, when they are equal on all ranks anyway (biases
+    move by all-reduced counts, counts are zero after update_bias), so it is a wasted
+    collective. torch 2.13 renamed the switch and warns on every rank for the old name."""
+    DDP = torch.nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(DDP).parameters:
+        return DDP(module, forward_sync_buffers=False)
+    return DDP(module, broadcast_buffers=False)
+
+
 def save_svg(renderables, path, title):
     """What rich would print, as an SVG picture (for slides and the README)."""
     rec = Console(record=True, width=120, file=io.StringIO())
@@ -243,7 +268,7 @@ def main():
     if init_from == "resume" or sample:
         if not os.path.exists(ckpt_path):
             sys.exit(f"no checkpoint at {ckpt_path}; train first or set --out_dir")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(ckpt_path)
     cfg = presets[preset]
     cfg = replace(cfg, block_size=block_size or cfg.block_size,
                   vocab_size=vocab_size or cfg.vocab_size,
@@ -281,8 +306,8 @@ def main():
     if compile:
         fwd = torch.compile(model)
     compiled = fwd  # evaluation runs it too, without DDP's wrapper
-    if ddp:  # buffers are ours to keep: counts differ per rank until update_bias sums them
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, broadcast_buffers=False)
+    if ddp:
+        fwd = wrap_ddp(fwd)
 
     def checkpoint():
         state = train_gen.get_state().to(dev)  # every rank's data position, so all resume
