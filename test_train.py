@@ -2,6 +2,7 @@
 train.py in subprocesses (tiny preset, no compile) as a user would start them."""
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -24,13 +25,12 @@ def tiny_model(**moe):
     return GPT(GPTConfig(**{**cfg.__dict__, "moe": MoEConfig(**{**cfg.moe.__dict__, **moe})}))
 
 
-def run_script(out_dir, *args, torchrun=False, check=True):
+def run_script(out_dir, *args, torchrun=False, check=True, script=os.path.join(HERE, "train.py")):
     """train.py in a subprocess, as a user starts it, with the tiny preset and no compile."""
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), "--preset=tiny", "--compile=False",
-           "--batch_size=4", "--eval_iters=2", "--heatmap_svg=False", f"--out_dir={out_dir}", *args]
+    cmd = [sys.executable, script, "--preset=tiny", "--compile=False", "--batch_size=4",
+           "--eval_iters=2", "--heatmap_svg=False", f"--out_dir={out_dir}", *args]
     if torchrun:
-        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    os.path.join(HERE, "train.py")]
+        cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "COLUMNS": "120"})
     if check:
@@ -43,11 +43,48 @@ def run_train(out_dir, *args, torchrun=False):
     return [json.loads(l) for l in open(os.path.join(out_dir, "log.jsonl"))]
 
 
+def run_main(monkeypatch, out_dir, *args):
+    """train.main() in this process, its settings restored afterwards; returns the loads of
+    every update_bias call (one a step)."""
+    for key, value in train.default_settings().items():
+        monkeypatch.setattr(train, key, value)
+    loads, real = [], train.update_bias
+    monkeypatch.setattr(train, "update_bias", lambda model, gamma=None: loads.append(
+        real(model, gamma)) or loads[-1])
+    monkeypatch.setattr(sys, "argv", ["train.py", "--preset=tiny", "--compile=False",
+                                      "--eval_iters=2", "--heatmap_svg=False",
+                                      f"--out_dir={out_dir}", *args])
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        train.main()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    return loads
+
+
+def gate_biases(state_dict):
+    return [v for k, v in state_dict.items() if k.endswith("gate.bias")]
+
+
+def corpus_text():  # learnable: a short phrase repeated with a counter
+    return "".join(f"def f{i % 10}(x):\n    return x + {i % 10}\n" for i in range(3000))
+
+
 @pytest.fixture
 def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"  # learnable: a short phrase repeated with a counter
-    path.write_text("".join(f"def f{i % 10}(x):\n    return x + {i % 10}\n" for i in range(3000)))
+    path = tmp_path / "corpus.txt"
+    path.write_text(corpus_text())
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def compiled_bias_run(tmp_path_factory):
+    """The checkpoint of one short compiled run that balances with the bias alone."""
+    out = tmp_path_factory.mktemp("compiled")
+    (out / "corpus.txt").write_text(corpus_text())
+    run_train(out, f"--data={out / 'corpus.txt'}", "--compile=True", "--balance=bias",
+              "--max_iters=3", "--eval_interval=3")
+    return torch.load(out / "ckpt.pt", weights_only=True)
 
 
 # ------------------------------------------------------------------------------ model
@@ -59,13 +96,28 @@ def test_model_dense_layers_first_then_moe():
 
 
 def test_model_loss_is_cross_entropy_plus_balance_loss():
-    model = tiny_model(seq_aux_alpha=0.1)
+    alpha = 0.1
+    model = tiny_model(seq_aux_alpha=alpha)
+    E, K = model.cfg.moe.n_routed_experts, model.cfg.moe.n_activated_experts
+    routed = []  # (scores, indices) of every MoE layer, read from its gate
+    hooks = [m.gate.register_forward_hook(lambda g, i, out: routed.append(out[1:]))
+             for m in model.modules() if isinstance(m, MoE)]
     idx = torch.randint(0, 256, (2, 16))
     logits, loss, aux = model(idx, idx)
+    for h in hooks:
+        h.remove()
     ce = F.cross_entropy(logits.flatten(0, 1), idx.flatten())
-    assert logits.shape == (2, 16, 256)
-    assert aux > 0
-    torch.testing.assert_close(loss, ce + aux)
+    want_aux = 0.0  # [V3 eq. 17-20], per sequence, averaged; summed over MoE layers
+    for indices, scores in routed:
+        for b in range(2):
+            s = scores.view(2, 16, E)[b]
+            picked = indices.view(2, 16, K)[b]
+            P = (s / s.sum(-1, keepdim=True)).mean(0)                                # (E,)
+            f = torch.tensor([(picked == i).sum().item() for i in range(E)]) * E / (K * 16)
+            want_aux += alpha * (f * P).sum() / 2
+    assert len(routed) == 1 and aux > 0
+    torch.testing.assert_close(aux, want_aux)
+    torch.testing.assert_close(loss, ce + want_aux)
     loss.backward()
     assert model.layers[-1].ffn.gate.weight.grad.abs().sum() > 0
     assert model.layers[0].ffn.w1.weight.grad.abs().sum() > 0
@@ -86,13 +138,18 @@ def test_generate_appends_tokens_in_vocab():
     assert torch.equal(greedy, model.generate(torch.zeros(1, 3, dtype=torch.long), 5, temperature=0))
 
 
-def test_active_params_count_only_top_k_experts():
+def test_active_params_count_what_a_token_touches():
+    """Counted from the architecture, not from the model: tiny = 2 blocks of width C, the first
+    dense (SwiGLU of width (K + S) * H), the second MoE (router, S shared and K of E routed
+    SwiGLU experts of width H), then a final norm and the head; the embedding is a lookup."""
+    C, V, H, E, K, S = 32, 256, 16, 8, 2, 1
+    attn = 4 * C * C + 2 * C                    # wqkv, wo, the two RMSNorms of the block
+    dense_block = attn + 3 * C * (K + S) * H
+    moe_block = lambda experts: attn + E * C + 3 * C * S * H + experts * 3 * C * H
+    head = C + C * V                            # final RMSNorm, output matrix
     model = tiny_model()
-    m = model.cfg.moe
-    routed = sum(p.numel() for layer in model.layers if isinstance(layer.ffn, MoE)
-                 for p in layer.ffn.experts.values())
-    inactive = routed * (m.n_routed_experts - m.n_activated_experts) // m.n_routed_experts
-    assert model.num_params(active=True) == model.num_params() - inactive
+    assert model.num_params(active=True) == dense_block + moe_block(K) + head
+    assert model.num_params() == dense_block + moe_block(E) + head
 
 
 def test_model_rejects_bad_config_and_long_input():
@@ -102,6 +159,44 @@ def test_model_rejects_bad_config_and_long_input():
         GPTConfig(n_layer=2, n_dense_layers=3)
     with pytest.raises(ValueError, match="block_size"):
         tiny_model()(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_attention_scores_depend_on_relative_position_only(monkeypatch):
+    """One input vector at every position: after RoPE, the score of query m and key n may
+    depend on m - n only (equal along each diagonal), and must depend on it."""
+    model, L = tiny_model(), 12
+    seen, sdpa = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append(q @ k.mT) or sdpa(q, k, v, **kw))
+    x = torch.randn(model.cfg.n_embd).expand(1, L, -1)
+    model.layers[0].attn(x, model.rope_cos[:L], model.rope_sin[:L])
+    scores = seen[0][0]                                                      # (h, L, L)
+    for shift in range(1, 4):
+        torch.testing.assert_close(scores[:, shift:, shift:], scores[:, :-shift, :-shift])
+    assert not torch.allclose(scores[:, 5, 5], scores[:, 5, 0])
+
+
+def test_changing_later_tokens_leaves_earlier_logits_unchanged():
+    model = tiny_model().eval()
+    idx = torch.randint(0, 256, (2, 32))
+    later = idx.clone()
+    later[:, 20:] = torch.randint(0, 256, (2, 12))
+    a, b = model(idx, idx)[0], model(later, later)[0]
+    torch.testing.assert_close(a[:, :20], b[:, :20])
+    assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_learning_rate_schedule(monkeypatch):
+    for k, v in dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10).items():
+        monkeypatch.setattr(train, k, v)
+    lr = lambda it: train.lr_at(it, 110)
+    assert lr(0) == pytest.approx(0.1)           # warm-up from learning_rate / warmup_iters
+    assert lr(4) == pytest.approx(0.5)
+    assert lr(9) == pytest.approx(1.0)           # end of warm-up: the full rate
+    assert lr(10) == pytest.approx(1.0)          # the cosine starts at the top
+    assert lr(60) == pytest.approx(0.55)         # half way: (learning_rate + min_lr) / 2
+    assert lr(110) == pytest.approx(0.1)         # decay end: min_lr
+    assert lr(1000) == pytest.approx(0.1)        # beyond it: min_lr
 
 
 # ------------------------------------------------------------------------------ data
@@ -254,6 +349,36 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, text_file):
     assert len(losses(full)) == 12
 
 
+def test_bias_moves_in_steps_of_gamma(compiled_bias_run):
+    gamma, steps = train.arms["bias"][0], 3
+    for bias in gate_biases(compiled_bias_run["model"]):
+        n = bias / gamma
+        torch.testing.assert_close(n, n.round(), atol=1e-3, rtol=0)  # whole steps of gamma
+        assert n.abs().max() <= steps and n.abs().sum() > 0
+
+
+def test_frozen_bias_stays_zero(monkeypatch, tmp_path, text_file):
+    run_main(monkeypatch, tmp_path, f"--data={text_file}", "--balance=bias", "--max_iters=3",
+             "--bias_freeze_frac=1.0", "--batch_size=4")
+    biases = gate_biases(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
+    assert biases and all(b.abs().sum() == 0 for b in biases)
+
+
+def test_checkpoint_of_a_compiled_run_loads_into_a_plain_model(compiled_bias_run):
+    assert not [k for k in compiled_bias_run["model"] if "_orig_mod." in k]
+    GPT(presets["tiny"]).load_state_dict(compiled_bias_run["model"])  # strict: every key
+
+
+def test_accumulated_micro_batches_update_the_bias_once_from_all_of_them(monkeypatch, tmp_path,
+                                                                         text_file):
+    loads = run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=1",
+                     "--gradient_accumulation_steps=2", "--batch_size=4")
+    cfg = presets["tiny"]
+    per_layer = 4 * cfg.block_size * 2 * cfg.moe.n_activated_experts  # B * L * accum * K
+    assert len(loads) == 1
+    assert loads[0].sum(1).tolist() == [per_layer] * (cfg.n_layer - cfg.n_dense_layers)
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, text_file):
     run_train(tmp_path, f"--data={text_file}", "--max_iters=2", "--eval_interval=2")
     with pytest.raises(AssertionError, match="nan at iter"):  # lr 1e30 blows the weights up
@@ -346,14 +471,31 @@ def test_two_gloo_ranks_keep_identical_biases(tmp_path):
     assert not torch.equal(local.layers[-1].ffn.gate.bias, b0[-1])
 
 
-def test_torchrun_two_ranks_trains(tmp_path, text_file):
+PROBE = """import os, sys, torch
+sys.path.insert(0, {here!r})
+import train
+GPT, seen = train.GPT, []
+train.GPT = lambda cfg: seen.append(GPT(cfg)) or seen[-1]
+train.main()
+biases = [m.gate.bias for m in seen[0].modules() if hasattr(m, "gate")]
+torch.save(biases, os.path.join(train.out_dir, "bias%s.pt" % os.environ["RANK"]))
+"""
+
+
+def test_torchrun_two_ranks_train_and_keep_identical_biases(tmp_path, text_file):
+    probe = tmp_path / "probe.py"  # train.py, then each rank saves the biases it holds
+    probe.write_text(PROBE.format(here=HERE))
     res = run_script(tmp_path, f"--data={text_file}", "--max_iters=4", "--eval_interval=4",
-                     "--log_interval=2", torchrun=True)
+                     "--log_interval=2", "--balance=bias", torchrun=True, script=str(probe))
     assert "FutureWarning" not in res.stderr  # DDP's buffer switch under its current name
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert [r["iter"] for r in rows if "loss" in r] == [2, 4]
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    assert len(ckpt["data_rng"]) == 2
+    assert len(torch.load(tmp_path / "ckpt.pt", weights_only=True)["data_rng"]) == 2
+    b0, b1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
+    assert all(b.abs().sum() > 0 for b in b0)       # they moved
+    assert all(torch.equal(x, y) for x, y in zip(b0, b1))
+    ckpt = gate_biases(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
+    assert all(torch.equal(x, y) for x, y in zip(b0, ckpt))
 
 
 def _train_arm(arm, steps=100, seed=0, skew=0.5):
