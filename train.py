@@ -231,7 +231,10 @@ def lr_at(it, decay_iters):
     return min_lr + 0.5 * (1 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def main():
+def configure():
+    """Settings from the command line into this module's globals; the balancing arm fills in
+    gamma, alpha and the aux scope unless they were given. Returns all settings, for the
+    checkpoint."""
     settings = default_settings()
     given = parse_overrides(sys.argv[1:], settings)
     globals().update(given)
@@ -244,9 +247,11 @@ def main():
         sys.exit(f"--preset={preset!r}: expected one of {', '.join(presets)}")
     if init_from not in ("scratch", "resume") or dtype not in ("auto", "bfloat16", "float32"):
         sys.exit(f"init_from={init_from!r} / dtype={dtype!r}: see the docstring for valid values")
-    config = {k: globals()[k] for k in settings}
+    return {k: globals()[k] for k in settings}
 
-    # distributed set-up: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK
+
+def init_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK -> ddp, rank, world, device."""
     ddp = "RANK" in os.environ
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = resolve_device(device)
@@ -255,44 +260,122 @@ def main():
         if dev.startswith("cuda"):
             dev = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(dev)
-    master = rank == 0
-    console = Console(quiet=not master)
-    dev_type = "cuda" if dev.startswith("cuda") else "cpu"
-    dtype_name, why = auto_dtype(dev) if dtype == "auto" else (dtype, "set by --dtype")
-    ctx = torch.autocast(dev_type, dtype=torch.bfloat16, enabled=dtype_name == "bfloat16")
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    os.makedirs(out_dir, exist_ok=True)
-    torch.manual_seed(seed)
+    return ddp, rank, world, dev
 
-    ckpt = None
-    if init_from == "resume" or sample:
-        if not os.path.exists(ckpt_path):
-            sys.exit(f"no checkpoint at {ckpt_path}; train first or set --out_dir")
-        ckpt = load_checkpoint(ckpt_path)
+
+def build_model(ckpt, dev):
+    """The preset with the settings' overrides (a checkpoint's shapes win; balancing as set
+    now), on dev, with the checkpoint's weights if there is one."""
     cfg = presets[preset]
     cfg = replace(cfg, block_size=block_size or cfg.block_size,
                   vocab_size=vocab_size or cfg.vocab_size,
                   moe=replace(cfg.moe, bias_update_speed=bias_update_speed,
                               seq_aux_alpha=seq_aux_alpha, aux_scope=aux_scope))
-    if ckpt is not None:  # the checkpoint's shapes; balancing as set now
+    if ckpt is not None:
         saved = ckpt["model_cfg"]
         cfg = replace(cfg, **{**saved, "moe": replace(cfg.moe, **{
             **saved["moe"], **{k: getattr(cfg.moe, k) for k in arms_keys}})})
     model = GPT(cfg).to(dev)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    return model
 
+
+def make_optimizer(model, dev):
+    """AdamW, V3's betas; weight decay on matrices only; the fused kernel on CUDA."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=learning_rate, betas=(0.9, 0.95),
+                             fused=True if dev.startswith("cuda") else None)
+
+
+def train_step(fwd, model, optimizer, shards, gen, ctx, dev, ddp, stop):
+    """Forward and backward over the micro-batches, clip, and, unless the gradient is not
+    finite, step. One host sync: the flag that says "stop" (NaN, or Ctrl-C on any rank)."""
+    for micro in range(gradient_accumulation_steps):
+        x, y = get_batch(shards, gen, batch_size, model.cfg.block_size, dev)
+        if ddp:  # all-reduce the gradients once, after the last micro-batch
+            fwd.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+        with ctx:
+            _, loss, aux = fwd(x, y)
+        (loss / gradient_accumulation_steps).backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # all micro-batches, ranks
+    flag = torch.stack([torch.isfinite(norm).logical_not().float(),
+                        norm.new_full((), float(bool(stop)))])  # a fill, no host copy
+    if ddp:  # every rank stops at the same step, or the others would hang
+        dist.all_reduce(flag)
+    bad, interrupted = flag.tolist()  # the one host sync of a step
+    if not bad:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, aux, norm, bool(bad), bool(interrupted)
+
+
+def save_checkpoint(path, model, optimizer, it, config, gen, dev, world, master):
+    """Atomically, from rank 0: the uncompiled model, optimizer, settings, RNG, and every
+    rank's data position (gathered), so that every rank resumes where it was."""
+    state = gen.get_state().to(dev)
+    states = [torch.empty_like(state) for _ in range(world)]
+    if world > 1:
+        dist.all_gather(states, state)
+    else:
+        states[0].copy_(state)
+    if master:
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "iter": it, "config": config, "model_cfg": asdict(model.cfg),
+                     "rng": torch.get_rng_state(), "data_rng": [s.cpu() for s in states]}, path)
+
+
+def show_eval(console, it, val_loss, val_loads, text):
+    """Val loss, MaxVio_global, the load heatmap (also as SVG) and a sample; the log row."""
+    mv_global = max_vio(val_loads).mean().item()
+    if len(val_loads):
+        title = f"expert load / mean at iter {it} (val set)"
+        console.print(hm := heatmap(val_loads, title))
+        if heatmap_svg and not console.quiet:  # rank 0: the others' console is quiet
+            save_svg([hm], os.path.join(out_dir, f"heatmap_{it:06d}.svg"), title)
+    console.print(f"[bold]iter {it}[/]: val loss {val_loss:.4f}, MaxVio_global {mv_global:.3f}"
+                  f"\n[dim]{escape(text)}[/]")
+    return {"iter": it, "val_loss": val_loss, "maxvio_global": mv_global,
+            "loads": val_loads.tolist()}
+
+
+def summary_table(summary, dev, seconds):
+    table = Table("", "", title="summary", show_header=False)
+    for k in ("loss", "val_loss", "maxvio_global", "tokens_per_s", "mfu"):
+        if k in summary:
+            v = summary[k]
+            table.add_row(k, f"{v:,.4f}" if isinstance(v, float) else str(v))
+    if dev.startswith("cuda"):
+        table.add_row("peak GPU memory", f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
+    table.add_row("time", f"{seconds:.0f} s")
+    return table
+
+
+def main():
+    # ---------------------------------------------------------------- set-up
+    config = configure()
+    ddp, rank, world, dev = init_distributed()
+    master = rank == 0
+    console = Console(quiet=not master)
+    dtype_name, why = auto_dtype(dev) if dtype == "auto" else (dtype, "set by --dtype")
+    ctx = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype_name == "bfloat16")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(seed)
+    ckpt = None
+    if init_from == "resume" or sample:
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"no checkpoint at {ckpt_path}; train first or set --out_dir")
+        ckpt = load_checkpoint(ckpt_path)
+    model = build_model(ckpt, dev)
     if sample:
         print(sample_text(model, prompt, max_new_tokens, dev))
         return
-
-    splits = load_data(data, os.path.join(out_dir, "cache"), cfg.block_size)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=learning_rate, betas=(0.9, 0.95),
-                                  fused=True if dev_type == "cuda" else None)
+    splits = load_data(data, os.path.join(out_dir, "cache"), model.cfg.block_size)
+    optimizer = make_optimizer(model, dev)
     train_gen = torch.Generator().manual_seed(seed + rank)
     it = 0
     if ckpt is not None:
@@ -301,145 +384,98 @@ def main():
         train_gen.set_state(ckpt["data_rng"][rank] if rank < len(ckpt["data_rng"]) else
                             torch.Generator().manual_seed(seed + rank).get_state())
         torch.set_rng_state(ckpt["rng"])
-    raw_model, fwd = model, model
     eval_loads = eval_load_counter(model, dev)
-    if compile:
-        fwd = torch.compile(model)
-    compiled = fwd  # evaluation runs it too, without DDP's wrapper
-    if ddp:
-        fwd = wrap_ddp(fwd)
-
-    def checkpoint():
-        state = train_gen.get_state().to(dev)  # every rank's data position, so all resume
-        states = [torch.empty_like(state) for _ in range(world)]
-        if ddp:
-            dist.all_gather(states, state)
-        else:
-            states[0].copy_(state)
-        states = [s.cpu() for s in states]
-        if master:
-            atomic_save({
-                "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "iter": it, "config": config, "model_cfg": asdict(cfg),
-                "rng": torch.get_rng_state(), "data_rng": states}, ckpt_path)
-
-    def nonfinite(what, value):  # before optimizer.step: the weights are still good
-        console.print(f"[red]{what} is {value} at iter {it}: stopping. The last good checkpoint, "
-                      f"{ckpt_path}, is untouched; try a lower learning_rate.")
-        sys.exit(1)
-
+    compiled = torch.compile(model) if compile else model  # evaluation runs it too
+    fwd = wrap_ddp(compiled) if ddp else compiled
     stop = []  # Ctrl-C finishes the current step, saves, and exits; a second one aborts
     def on_sigint(*_):
         if stop:
             raise KeyboardInterrupt
         stop.append(True)
     signal.signal(signal.SIGINT, on_sigint)
-
     log = open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt else "w") if master else None
     def record(row):
         if log:
             log.write(json.dumps(row) + "\n")
             log.flush()
-
-    L, B, accum = cfg.block_size, batch_size, gradient_accumulation_steps
-    tokens_per_step = B * L * accum * world
-    flops = raw_model.flops_per_token(L)
+    L = model.cfg.block_size
+    tokens_per_step = batch_size * L * gradient_accumulation_steps * world
+    flops = model.flops_per_token(L)
     peak = next((v for k, v in PEAK_FLOPS.items()
-                 if dev_type == "cuda" and k in torch.cuda.get_device_name(dev)), None)
+                 if dev.startswith("cuda") and k in torch.cuda.get_device_name(dev)), None)
     console.print(f"[bold]{preset}[/] preset on {dev} ({world} rank(s)): "
-                  f"{raw_model.num_params() / 1e6:.2f}M parameters, "
-                  f"{raw_model.num_params(active=True) / 1e6:.2f}M active per token; "
+                  f"{model.num_params() / 1e6:.2f}M parameters, "
+                  f"{model.num_params(active=True) / 1e6:.2f}M active per token; "
                   f"{dtype_name} ({why}); "
                   f"data={data} ({sum(map(len, splits['train'])) / 1e6:.1f}M train tokens); "
                   f"balance={balance} (gamma={bias_update_speed}, alpha={seq_aux_alpha}, "
                   f"{aux_scope}); {tokens_per_step} tokens per step")
-    summary, maxvio_hist = {}, []
     progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, disable=not master)
     task = progress.add_task("training", total=max_iters, completed=it)
+    summary, maxvio = {}, []
     t_start = t_log = time.time()
     it_log = start_it = it
+
+    # ---------------------------------------------------------------- the loop
     with progress:
         while True:
             if (it % eval_interval == 0 and it > start_it) or it == max_iters:
-                val_loss, val_loads = evaluate(compiled, eval_loads, splits["val"], B, L, dev,
-                                               ctx, eval_iters, seed)
+                val_loss, val_loads = evaluate(compiled, eval_loads, splits["val"], batch_size,
+                                               L, dev, ctx, eval_iters, seed)
                 if not math.isfinite(val_loss):
-                    nonfinite("val loss", val_loss)
-                mv_global = max_vio(val_loads).mean().item()
-                record({"iter": it, "val_loss": val_loss, "maxvio_global": mv_global,
-                        "loads": val_loads.tolist()})
-                summary.update(val_loss=val_loss, maxvio_global=mv_global)
-                if master and len(val_loads):
-                    title = f"expert load / mean at iter {it} (val set)"
-                    progress.console.print(hm := heatmap(val_loads, title))
-                    if heatmap_svg:
-                        save_svg([hm], os.path.join(out_dir, f"heatmap_{it:06d}.svg"), title)
-                text = sample_text(raw_model, prompt, 200, dev)
-                progress.console.print(f"[bold]iter {it}[/]: val loss {val_loss:.4f}, "
-                                       f"MaxVio_global {mv_global:.3f}\n[dim]{escape(text)}[/]")
-                checkpoint()
+                    nonfinite(console, "val loss", val_loss, it, ckpt_path)
+                text = sample_text(model, prompt, 200, dev)
+                record(row := show_eval(progress.console, it, val_loss, val_loads, text))
+                summary.update(val_loss=val_loss, maxvio_global=row["maxvio_global"])
+                save_checkpoint(ckpt_path, model, optimizer, it, config, train_gen, dev, world,
+                                master)
             if it >= max_iters:
                 break
             lr = lr_at(it, lr_decay_iters or max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            for micro in range(accum):
-                x, y = get_batch(splits["train"], train_gen, B, L, dev)
-                if ddp:
-                    fwd.require_backward_grad_sync = micro == accum - 1
-                with ctx:
-                    _, loss, aux = fwd(x, y)
-                (loss / accum).backward()
-            # the grad norm covers every micro-batch and, after DDP's all-reduce, every rank
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            flag = torch.stack([torch.isfinite(norm).logical_not().float(),
-                                norm.new_full((), float(bool(stop)))])  # a fill, no copy
-            if ddp:  # every rank stops at the same step, or the others would hang
-                dist.all_reduce(flag)
-            bad, interrupted = flag.tolist()  # one host sync a step
-            if bad:
-                nonfinite("loss or gradient", f"{loss.item()} / {norm.item()}")
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss, aux, norm, bad, interrupted = train_step(fwd, model, optimizer, splits["train"],
+                                                           train_gen, ctx, dev, ddp, stop)
+            if bad:  # before optimizer.step: the weights are still good
+                nonfinite(console, "loss or gradient", f"{loss.item()} / {norm.item()}", it,
+                          ckpt_path)
             frozen = it >= (1 - bias_freeze_frac) * max_iters
-            loads = update_bias(raw_model, gamma=0.0 if frozen else None)  # whole step, all ranks
-            maxvio_hist.append(max_vio(loads).mean() if len(loads) else torch.zeros(()))
+            loads = update_bias(model, gamma=0.0 if frozen else None)  # whole step, all ranks
+            maxvio.append(max_vio(loads).mean() if len(loads) else torch.zeros((), device=dev))
             it += 1
             if it == start_it + 1:  # the first step pays for compilation: keep it out of tokens/s
                 t_log, it_log = time.time(), it
             if it % log_interval == 0 or it == max_iters:
-                dt, ce, steps = time.time() - t_log, (loss - aux).item(), max(1, it - it_log)
-                tok_s = tokens_per_step * (it - it_log) / dt
+                tok_s = tokens_per_step * (it - it_log) / (time.time() - t_log)
                 mfu = f"{100 * flops * tok_s / world / peak:.1f}%" if peak else "n/a"
-                row = {"iter": it, "loss": ce, "aux_loss": aux.item(), "lr": lr,
+                row = {"iter": it, "loss": (loss - aux).item(), "aux_loss": aux.item(), "lr": lr,
                        "tokens_per_s": tok_s, "mfu": mfu,
-                       "maxvio_batch": torch.stack(maxvio_hist[-steps:]).mean().item()}
+                       "maxvio_batch": torch.stack(maxvio[-max(1, it - it_log):]).mean().item()}
                 record(row)
-                summary.update(loss=ce, tokens_per_s=tok_s, mfu=mfu)
-                progress.update(task, completed=it, description=(
-                    f"loss {ce:.3f} aux {row['aux_loss']:.2e} lr {lr:.1e} "
+                summary.update(loss=row["loss"], tokens_per_s=tok_s, mfu=mfu)
+                progress.update(task, description=(
+                    f"loss {row['loss']:.3f} aux {row['aux_loss']:.2e} lr {lr:.1e} "
                     f"{tok_s:,.0f} tok/s MFU {mfu} MaxVio {row['maxvio_batch']:.2f}"))
-                t_log, it_log = time.time(), it
+                t_log, it_log, maxvio = time.time(), it, []
             progress.update(task, completed=it)
             if interrupted:
-                checkpoint()
+                save_checkpoint(ckpt_path, model, optimizer, it, config, train_gen, dev, world,
+                                master)
                 console.print(f"interrupted at iter {it}; saved {ckpt_path}. "
                               "Continue with --init_from=resume")
                 break
 
-    table = Table("", "", title="summary", show_header=False)
-    for k in ("loss", "val_loss", "maxvio_global", "tokens_per_s", "mfu"):
-        if k in summary:
-            v = summary[k]
-            table.add_row(k, f"{v:,.4f}" if isinstance(v, float) else str(v))
-    if dev_type == "cuda":
-        table.add_row("peak GPU memory", f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
-    table.add_row("time", f"{time.time() - t_start:.0f} s")
-    console.print(table)
+    console.print(summary_table(summary, dev, time.time() - t_start))
     if ddp:
         dist.destroy_process_group()
+
+
+def nonfinite(console, what, value, it, ckpt_path):
+    console.print(f"[red]{what} is {value} at iter {it}: stopping. The last good checkpoint, "
+                  f"{ckpt_path}, is untouched; try a lower learning_rate.")
+    sys.exit(1)
 
 
 if __name__ == "__main__":
