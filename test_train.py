@@ -498,6 +498,45 @@ def test_torchrun_two_ranks_train_and_keep_identical_biases(tmp_path, text_file)
     assert all(torch.equal(x, y) for x, y in zip(b0, ckpt))
 
 
+FSDP_PROBE = """import os, sys, torch
+sys.path.insert(0, {here!r})
+import train
+calls, rank, world = [0], int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+def batch(shards, gen, B, L, dev):  # one global batch of 8 per call; each rank takes its part
+    g = torch.Generator().manual_seed(1000 + calls[0])
+    calls[0] += 1
+    xy = torch.randint(0, 256, (8, L + 1), generator=g).view(world, -1, L + 1)[rank]
+    return xy[:, :-1], xy[:, 1:]
+train.get_batch = batch
+GPT, seen = train.GPT, []
+train.GPT = lambda cfg: seen.append(GPT(cfg)) or seen[-1]
+train.main()
+biases = [m.gate.bias for m in seen[-1].modules() if hasattr(m, "gate")]
+torch.save(biases, os.path.join(train.out_dir, "bias%d.pt" % rank))
+"""
+
+
+def test_fsdp_on_two_ranks_equals_one_process_on_the_same_global_batch(tmp_path, text_file):
+    probe = tmp_path / "probe.py"
+    probe.write_text(FSDP_PROBE.format(here=HERE))
+    common = [f"--data={text_file}", "--max_iters=3", "--eval_interval=3", "--dtype=float32",
+              "--balance=bias", "--learning_rate=1e-2", "--warmup_iters=1"]
+    run_script(tmp_path / "one", *common, "--batch_size=8", script=str(probe))
+    # gloo may abort at exit after correct results: judge the files the ranks wrote
+    run_script(tmp_path / "fsdp", *common, "--batch_size=4", "--fsdp=True", torchrun=True,
+               check=False, script=str(probe))
+    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
+    sharded = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)
+    assert sharded["iter"] == one["iter"] == 3 and one["model"].keys() == sharded["model"].keys()
+    for k, v in one["model"].items():
+        assert (sharded["model"][k] - v).abs().max() < 1e-5, k
+    b0, b1 = (torch.load(tmp_path / "fsdp" / f"bias{r}.pt") for r in (0, 1))
+    assert all(b.abs().sum() > 0 and b.dtype == torch.float32 for b in b0)
+    assert all(torch.equal(x, y) for x, y in zip(b0, b1))
+    assert all(torch.equal(x, y) for x, y in zip(b0, torch.load(tmp_path / "one" / "bias0.pt")))
+    GPT(presets["tiny"]).load_state_dict(sharded["model"])  # a single process loads it
+
+
 def _train_arm(arm, steps=100, seed=0, skew=0.5):
     """Tiny GPT, router skewed at start toward the first K experts; returns MaxVio over the
     loads of the last 50 steps (mean over MoE layers). gamma is 10x the arm's: in 100 steps

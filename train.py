@@ -28,6 +28,13 @@ from dataclasses import asdict, replace
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's optional numpy
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel as DDP
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -63,6 +70,7 @@ aux_scope = "sequence"       # "sequence" or "batch"; set by the arm unless give
 bias_freeze_frac = 0.0       # final fraction of iterations with gamma = 0 (V3: ~0.034)
 init_from = "scratch"        # "scratch" or "resume"
 compile = True
+fsdp = False                 # under torchrun: shard weights, gradients and AdamW state (FSDP2)
 device = "auto"              # "auto", "cpu", "cuda", "cuda:1", ...
 dtype = "auto"               # autocast: "auto" (bf16 where the hardware has it), "bfloat16", "float32"
 seed = 1337
@@ -209,7 +217,6 @@ def wrap_ddp(module):
     before the first forward of every step, when they are equal on all ranks anyway (biases
     move by all-reduced counts, counts are zero after update_bias), so it is a wasted
     collective. torch 2.13 renamed the switch and warns on every rank for the old name."""
-    DDP = torch.nn.parallel.DistributedDataParallel
     if "forward_sync_buffers" in inspect.signature(DDP).parameters:
         return DDP(module, forward_sync_buffers=False)
     return DDP(module, broadcast_buffers=False)
@@ -263,9 +270,11 @@ def init_distributed():
     return ddp, rank, world, dev
 
 
-def build_model(ckpt, dev):
+def build_model(ckpt, dev, mesh=None, bf16=False):
     """The preset with the settings' overrides (a checkpoint's shapes win; balancing as set
-    now), on dev, with the checkpoint's weights if there is one."""
+    now), on dev, with the checkpoint's weights if there is one. With a device mesh: built on
+    the meta device, sharded with FSDP2 (each block, then the root), then filled from a full
+    state dict that every rank holds on the CPU (broadcasting it would need numpy)."""
     cfg = presets[preset]
     cfg = replace(cfg, block_size=block_size or cfg.block_size,
                   vocab_size=vocab_size or cfg.vocab_size,
@@ -275,9 +284,22 @@ def build_model(ckpt, dev):
         saved = ckpt["model_cfg"]
         cfg = replace(cfg, **{**saved, "moe": replace(cfg.moe, **{
             **saved["moe"], **{k: getattr(cfg.moe, k) for k in arms_keys}})})
-    model = GPT(cfg).to(dev)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+    if mesh is None:
+        model = GPT(cfg).to(dev)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+        return model
+    full = ckpt["model"] if ckpt is not None else GPT(cfg).state_dict()  # same init as above
+    with torch.device("meta"):
+        model = GPT(cfg)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
+                              reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    model.to_empty(device=dev)
+    model.reset_parameters()  # buffers outside the state dict: rotary tables, expert counts
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
     return model
 
 
@@ -296,12 +318,13 @@ def train_step(fwd, model, optimizer, shards, gen, ctx, dev, ddp, stop):
     finite, step. One host sync: the flag that says "stop" (NaN, or Ctrl-C on any rank)."""
     for micro in range(gradient_accumulation_steps):
         x, y = get_batch(shards, gen, batch_size, model.cfg.block_size, dev)
-        if ddp:  # all-reduce the gradients once, after the last micro-batch
+        if isinstance(fwd, DDP):  # all-reduce the gradients once, after the last micro-batch
             fwd.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
         with ctx:
             _, loss, aux = fwd(x, y)
         (loss / gradient_accumulation_steps).backward()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # all micro-batches, ranks
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm      # FSDP: a sharded norm
     flag = torch.stack([torch.isfinite(norm).logical_not().float(),
                         norm.new_full((), float(bool(stop)))])  # a fill, no host copy
     if ddp:  # every rank stops at the same step, or the others would hang
@@ -315,7 +338,11 @@ def train_step(fwd, model, optimizer, shards, gen, ctx, dev, ddp, stop):
 
 def save_checkpoint(path, model, optimizer, it, config, gen, dev, world, master):
     """Atomically, from rank 0: the uncompiled model, optimizer, settings, RNG, and every
-    rank's data position (gathered), so that every rank resumes where it was."""
+    rank's data position (gathered), so that every rank resumes where it was. FSDP shards
+    are gathered into full tensors, so a single process can load the file."""
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=full)  # collectives: every rank calls
+    optim_state = get_optimizer_state_dict(model, optimizer, options=full)
     state = gen.get_state().to(dev)
     states = [torch.empty_like(state) for _ in range(world)]
     if world > 1:
@@ -323,7 +350,7 @@ def save_checkpoint(path, model, optimizer, it, config, gen, dev, world, master)
     else:
         states[0].copy_(state)
     if master:
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_save({"model": model_state, "optimizer": optim_state,
                      "iter": it, "config": config, "model_cfg": asdict(model.cfg),
                      "rng": torch.get_rng_state(), "data_rng": [s.cpu() for s in states]}, path)
 
@@ -370,7 +397,10 @@ def main():
         if not os.path.exists(ckpt_path):
             sys.exit(f"no checkpoint at {ckpt_path}; train first or set --out_dir")
         ckpt = load_checkpoint(ckpt_path)
-    model = build_model(ckpt, dev)
+    if fsdp and not ddp:
+        sys.exit("--fsdp=True shards over ranks: start it with torchrun")
+    mesh = init_device_mesh(dev.split(":")[0], (world,)) if fsdp else None  # explicit: gloo on CPU
+    model = build_model(ckpt, dev, mesh, bf16=dtype_name == "bfloat16")
     if sample:
         print(sample_text(model, prompt, max_new_tokens, dev))
         return
@@ -379,14 +409,15 @@ def main():
     train_gen = torch.Generator().manual_seed(seed + rank)
     it = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         it = ckpt["iter"]
         train_gen.set_state(ckpt["data_rng"][rank] if rank < len(ckpt["data_rng"]) else
                             torch.Generator().manual_seed(seed + rank).get_state())
         torch.set_rng_state(ckpt["rng"])
     eval_loads = eval_load_counter(model, dev)
     compiled = torch.compile(model) if compile else model  # evaluation runs it too
-    fwd = wrap_ddp(compiled) if ddp else compiled
+    fwd = wrap_ddp(compiled) if ddp and not fsdp else compiled
     stop = []  # Ctrl-C finishes the current step, saves, and exits; a second one aborts
     def on_sigint(*_):
         if stop:
