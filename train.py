@@ -79,6 +79,7 @@ prompt = "\n"
 max_new_tokens = 300
 temperature = 0.8
 top_k = 40
+eval_sample = True           # print a sample at each eval (study.py turns it off)
 heatmap_svg = True           # also save each eval's expert-load heatmap as out_dir/*.svg
 
 arms_keys = ("bias_update_speed", "seq_aux_alpha", "aux_scope")
@@ -357,7 +358,7 @@ def save_checkpoint(path, model, optimizer, it, config, gen, dev, world, master)
 
 def show_eval(console, it, val_loss, val_loads, text):
     """Val loss, MaxVio_global, the load heatmap (also as SVG) and a sample; the log row."""
-    mv_global = max_vio(val_loads).mean().item()
+    mv_global = max_vio(val_loads).mean().item() if len(val_loads) else float("nan")  # dense
     if len(val_loads):
         title = f"expert load / mean at iter {it} (val set)"
         console.print(hm := heatmap(val_loads, title))
@@ -457,7 +458,7 @@ def main():
                                                L, dev, ctx, eval_iters, seed)
                 if not math.isfinite(val_loss):
                     nonfinite(console, "val loss", val_loss, it, ckpt_path)
-                text = sample_text(model, prompt, 200, dev)
+                text = sample_text(model, prompt, 200, dev) if eval_sample else ""
                 record(row := show_eval(progress.console, it, val_loss, val_loads, text))
                 summary.update(val_loss=val_loss, maxvio_global=row["maxvio_global"])
                 save_checkpoint(ckpt_path, model, optimizer, it, config, train_gen, dev, world,
