@@ -168,7 +168,7 @@ def groups_study(ckpt_path, batches=20, batch_size=8):
 
 
 def main():
-    args = dict(study="balance", scale="cpu", arms="", out_dir="", seed=1337, seeds=2,
+    args = dict(study="balance", scale="cpu", arms="", out_dir="", seed=1337, seeds=3,
                 ckpt="out/ckpt.pt")
     given = [a for a in sys.argv[1:] if a.split("=")[0].removeprefix("--") in args]
     args.update(parse_overrides(given, args))
