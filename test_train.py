@@ -411,8 +411,12 @@ def test_missing_gpu_ends_with_one_line(tmp_path):
     assert "--device=cuda: no usable CUDA GPU here" in res.stderr
 
 
-def test_auto_dtype_is_float32_on_cpu():  # the faster one there, measured (see auto_dtype)
-    assert train.auto_dtype("cpu")[0] == "float32"
+@pytest.mark.parametrize("flags, expected", [({"avx2", "avx512f"}, "float32"),
+                                              ({"avx512f", "avx512_bf16"}, "bfloat16"),
+                                              ({"amx_bf16"}, "bfloat16"), (set(), "float32")])
+def test_auto_dtype_is_bf16_only_on_cpus_that_multiply_it_natively(monkeypatch, flags, expected):
+    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    assert train.auto_dtype("cpu")[0] == expected
 
 
 def test_startup_line_names_the_dtype_and_why(tmp_path, text_file):
@@ -479,6 +483,8 @@ train.GPT = lambda cfg: seen.append(GPT(cfg)) or seen[-1]
 train.main()
 biases = [m.gate.bias for m in seen[0].modules() if hasattr(m, "gate")]
 torch.save(biases, os.path.join(train.out_dir, "bias%s.pt" % os.environ["RANK"]))
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # skip interpreter teardown, where gloo has hung or aborted after correct results
 """
 
 
@@ -513,6 +519,8 @@ train.GPT = lambda cfg: seen.append(GPT(cfg)) or seen[-1]
 train.main()
 biases = [m.gate.bias for m in seen[-1].modules() if hasattr(m, "gate")]
 torch.save(biases, os.path.join(train.out_dir, "bias%d.pt" % rank))
+sys.stdout.flush(); sys.stderr.flush()
+os._exit(0)  # skip interpreter teardown, where gloo has hung or aborted after correct results
 """
 
 

@@ -134,16 +134,27 @@ def resolve_device(name):
     return name
 
 
+def cpu_flags():
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is missing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
 def auto_dtype(dev):
     """The autocast dtype for dtype="auto" on device dev, and the reason, for the start-up line.
-    CPUs train this model faster in fp32 even where they multiply bf16 natively: a compiled
-    step of the cpu preset ran 14.4k tokens/s in fp32, 12.5k under bf16 autocast (2 EPYC cores
-    with AVX512-BF16), and 3x slower in bf16 without BF16 instructions (issue 10)."""
+    bf16 where the hardware multiplies it natively (bench.py on 2 EPYC cores with AVX512-BF16:
+    the Moonlight/4 layer's compiled fwd+bwd 2.4-2.8x faster than fp32, the cpu preset's training
+    step the same speed); fp32 elsewhere, where emulated bf16 runs ~3x slower."""
     if dev.startswith("cuda"):
         if torch.cuda.is_bf16_supported():
             return "bfloat16", "this GPU has bf16 tensor cores"
         return "float32", "this GPU has no bf16 support"
-    return "float32", "on CPU fp32 trains faster than bf16 autocast, even with AVX512-BF16"
+    if cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX512-BF16 / AMX, Arm BF16
+        return "bfloat16", "this CPU multiplies bf16 natively"
+    return "float32", "this CPU has no native bf16 matmul (bf16 would be emulated, ~3x slower)"
 
 
 # ----------------------------------------------------------------------------- display
