@@ -39,7 +39,7 @@ Design notes, each choice with its reason:
   torch's native grouped matmul is bf16-only under compile; `grouped_mm` is the one place
   that chooses: native where it works, else a small custom op with a per-expert loop.
 - Measured (bench.py, 2 CPU cores, Moonlight's layer at 1/4 width, 4k tokens, bf16): compiled
-  grouped forward+backward runs at 0.67-0.71 of the same matmuls done dense, 2.3x the eager
+  grouped forward+backward runs at 0.67-0.76 of the same matmuls done dense, 2.0-2.2x the eager
   loop; grouped matmuls take 66% of its time, gather/scatter 5-9%. A fused inverse-permutation
   combine, w1 and w3 in one matrix, and a gather+sum dispatch backward did not win.
 - Dispatch "loop": the per-expert loop of the official inference code, the easiest thing to
