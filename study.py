@@ -131,7 +131,7 @@ def groups_study(ckpt_path, batches=20, batch_size=8):
     token in the all-to-all dispatch, so this count is the dispatch traffic per token."""
     if not os.path.exists(ckpt_path):
         sys.exit(f"no checkpoint at {ckpt_path}: run `python train.py` first, or pass --ckpt")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = train.load_checkpoint(ckpt_path)  # tensors and plain values only, or one clear line
     cfg = GPTConfig(**{**ckpt["model_cfg"], "moe": MoEConfig(**ckpt["model_cfg"]["moe"])})
     E, G, M = cfg.moe.n_routed_experts, cfg.moe.n_expert_groups, cfg.moe.n_limited_groups
     if M == G:
