@@ -21,9 +21,13 @@ untimed ones, where compiling happens ("compile s", cold unless inductor's /tmp 
   active width, (K + shared) * moe_inter_dim, and the column is the MoE tax (tokens/s ratio).
 - routing: "real" = the router at init on random inputs; "balanced" / "skewed" = gate.bias
   fitted so the same router yields equal / Zipf(zipf) loads, MaxVio [LF eq. 4] beside the name.
+- profile: torch.profiler over `repeats` more calls of each row whose label (the progress bar's
+  text, e.g. "qwen3:32768 grouped compiled fwd+bwd real") contains it: the kernels (GPU) or ops
+  (CPU, inductor's kernels by name) with the most self time, per call, and a share by kind.
 On a CPU, time an otherwise idle machine: OpenMP threads stall when the cores are shared.
 """
 import os
+import re
 import statistics
 import sys
 import time
@@ -61,6 +65,7 @@ batch_size = 8               # sequences of block_size tokens per train step
 peak_size = 2048             # n of the (n, n) @ (n, n) matmul that sets "% peak"
 seed = 0
 json = ""                    # also write the rows to this path
+profile = ""                 # profile the rows whose progress label contains this, e.g. "compiled"
 
 _GPU = dict(peak_size=8192, warmup=3, repeats=20, model="gpu", batch_size=16, compile_loop=False)
 presets = {  # overrides of the settings above
@@ -88,6 +93,7 @@ layers = {  # MoEConfig fields; published shapes from shared/reference section 8
 _settings = default_settings(globals())
 _progress = None  # main()'s progress bar
 _dtype, _dtype_reason, _runs = torch.bfloat16, "", []  # configure() sets them
+_profiles = {}  # row label -> measure()'s profile
 
 
 def fail(msg):
@@ -138,9 +144,46 @@ def measure(what, fn, stat=statistics.median):
         sync()
         times.append(time.perf_counter() - t0)
     s = stat(times[w:])
+    if profile and profile in what:
+        _profiles[what] = profiled(fn, sync)
     _progress.advance(_progress.task_ids[0])
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
     return s, max(sum(times[:w]) - w * s, 0.0), mem
+
+
+KINDS = {  # name patterns -> kind, first match wins; for the profile's share by kind
+    "matmul": r"gemm|grouped_mm|aten::(mm|bmm|addmm)$|cutlass|xmma|nvjet|^triton_tem",
+    "fused (inductor)": r"^triton_|cpp_fused|CompiledFxGraph",  # the graph call: CPU kernels
+    "attention": r"attention|flash|fmha|sdpa",
+    "sort / topk": r"sort|topk|radix|bitonic",
+    "copy / index": r"copy|memcpy|memset|index|gather|scatter|cat$|elementwise_kernel",
+    "optimizer": r"adam|foreach|multi_tensor",
+    "dispatch overhead": r"Torch-Compiled|CompiledFunction|Dynamo|AOTDispatcher|autograd::",
+}
+
+
+def profiled(fn, sync, top=12):
+    """torch.profiler over `repeats` calls of fn: total self ms per call, the top ops by self
+    time, and the share of each of KINDS. On a GPU, kernels only: the CPU side overlaps them."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    cuda = device.startswith("cuda")
+    with torch_profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as p:
+        for _ in range(repeats):
+            fn()
+        sync()
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in p.key_averages() if getattr(e, attr) > 0
+              and not getattr(e, "is_user_annotation", False)
+              and (not cuda or e.device_type != torch.autograd.DeviceType.CPU)]
+    events.sort(key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events) or 1
+    kinds = dict.fromkeys([*KINDS, "other"], 0.0)
+    for e in events:
+        kinds[next((k for k, pat in KINDS.items() if re.search(pat, e.key, re.I)), "other")] \
+            += getattr(e, attr) / total
+    return dict(ms=total / repeats / 1e3, kinds=kinds, top=[
+        dict(name=e.key, calls=e.count / repeats, ms=getattr(e, attr) / repeats / 1e3,
+             share=getattr(e, attr) / total) for e in events[:top]])
 
 
 def row(s, flops, tokens, **columns):
@@ -329,6 +372,17 @@ def show(rows, console):
     for r in (r for r in rows if r["pass"] == "train" and r["dispatch"] != "ceiling"):
         console.print(f"MoE tax, {r['case']} {r['mode']}: MoE tokens/s / dense tokens/s = "
                       f"{r['ceiling_ratio']:.2f}", highlight=False)
+    for what, p in _profiles.items():
+        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in p["kinds"].items())
+        console.print(f"profile of {what}: {p['ms']:.2f} ms of self time per call; {kinds}",
+                      highlight=False)
+        table = Table()
+        for col in ("op / kernel", "calls", "ms", "%"):
+            table.add_column(col, justify="right" if col != "op / kernel" else "left")
+        for e in p["top"]:
+            table.add_row(e["name"][:90], f"{e['calls']:g}", f"{e['ms']:.2f}",
+                          f"{100 * e['share']:.1f}")
+        console.print(table)
 
 
 def save(rows, peak, header, complete):
@@ -342,7 +396,8 @@ def save(rows, peak, header, complete):
     os.makedirs(os.path.dirname(json) or ".", exist_ok=True)
     with open(json, "w") as fh:
         fh.write(dumps(dict(header, peak_tflops=peak / 1e12, complete=complete, rows=rows,
-                            date=datetime.now().isoformat(timespec="seconds")), indent=1))
+                            profiles=_profiles, date=datetime.now().isoformat(timespec="seconds")),
+                       indent=1))
 
 
 def main():
@@ -351,6 +406,7 @@ def main():
     torch.manual_seed(seed)
     if device == "cpu":  # inductor's pool of compile workers keeps the cores busy afterwards
         torch._inductor.config.compile_threads = 1
+        torch._inductor.config.cpp.enable_kernel_profile = bool(profile)  # its kernels, by name
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # logs and CI: one line per row

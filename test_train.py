@@ -590,7 +590,8 @@ def test_bias_arm_balances_a_skewed_router():
 def test_bench_tiny_preset_writes_its_rows(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--preset=tiny",
-                          f"--json={out}"], capture_output=True, text=True, timeout=300)
+                          f"--json={out}", "--profile=grouped eager fwd+bwd"],
+                         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     report = json.loads(out.read_text())
     assert {"device", "torch", "date"} <= report.keys()
@@ -600,3 +601,11 @@ def test_bench_tiny_preset_writes_its_rows(tmp_path):
     for r in rows:
         assert {"case", "dispatch", "mode", "pass", "ms", "tokens_per_s", "tflops",
                 "ceiling_ratio"} <= r.keys() and r["ms"] > 0
+    # --profile: exactly the rows it names, their time split by kind, matmuls found by name
+    profiles = report["profiles"]
+    assert sorted(profiles) == [f"tiny:256 grouped eager fwd+bwd {r}"
+                                for r in ("balanced", "real", "skewed")]
+    for p in profiles.values():
+        assert abs(sum(p["kinds"].values()) - 1) < 1e-6 and p["kinds"]["matmul"] > 0.2
+        ms = [e["ms"] for e in p["top"]]
+        assert ms == sorted(ms, reverse=True) and sum(ms) <= p["ms"] * (1 + 1e-6)
