@@ -245,19 +245,20 @@ def fit_bias(layer, x, target, steps):
 
 
 def bench_layer(case):
-    """Rows of one layer:tokens case: the ceilings, then dispatch x mode x pass x routing."""
+    """Yield the rows of one layer:tokens case: the ceilings, then dispatch x mode x pass x
+    routing."""
     name, T = case.split(":")
     c, T = MoEConfig(**layers[name]), int(T)
     L = min(T, 2048)  # tokens per sequence: only the balance loss sees sequences
     if T % L:
         fail(f"--cases={case}: {T} tokens do not split into sequences of {L}")
     flops = sum(2 * M * K * N for M, K, N in gemms(c, T))
-    layer_passes, ceiling, rows = [p for p in passes if p != "train"], {}, []
+    layer_passes, ceiling = [p for p in passes if p != "train"], {}
     for p in layer_passes:
         ceiling[p], _, mem = measure(f"{case} dense ceiling {p}", dense(gemms(c, T), p != "fwd"))
-        rows.append(row(ceiling[p], flops * (3 if p == "fwd+bwd" else 1), T, case=case,
-                        **{"pass": p}, routing="-", maxvio=None, dispatch="ceiling", mode="-",
-                        compile_s=None, peak_mem_gib=mem, ceiling_ratio=1.0))
+        yield row(ceiling[p], flops * (3 if p == "fwd+bwd" else 1), T, case=case,
+                  **{"pass": p}, routing="-", maxvio=None, dispatch="ceiling", mode="-",
+                  compile_s=None, peak_mem_gib=mem, ceiling_ratio=1.0)
     torch.set_default_dtype(_dtype)  # built in `dtype`: a V3 layer is 22 GB in bf16, 45 in fp32
     with torch.device(device):
         layer = MoE(c)  # gate.bias is float32 all the same
@@ -292,20 +293,19 @@ def bench_layer(case):
             for r in routings:
                 layer.gate.bias.copy_(bias[r])
                 s, comp, mem = measure(f"{case} {d} {m} {p} {r}", lambda: step(f))
-                rows.append(row(s, flops * (3 if p == "fwd+bwd" else 1), T, case=case,
-                                **{"pass": p}, routing=r, maxvio=vio[r], dispatch=d, mode=m,
-                                compile_s=comp if m != "eager" else None, peak_mem_gib=mem,
-                                ceiling_ratio=ceiling[p] / s))
+                yield row(s, flops * (3 if p == "fwd+bwd" else 1), T, case=case,
+                          **{"pass": p}, routing=r, maxvio=vio[r], dispatch=d, mode=m,
+                          compile_s=comp if m != "eager" else None, peak_mem_gib=mem,
+                          ceiling_ratio=ceiling[p] / s)
     torch._dynamo.reset()
-    return rows
 
 
 def bench_train():
-    """Rows of whole training steps (forward, backward, AdamW, bias update) of the `model`
+    """Yield rows of whole training steps (forward, backward, AdamW, bias update) of the `model`
     preset and of its dense twin, every block dense at the MoE's active width: the ceiling."""
     moe_cfg = model_presets[model]
     dense_cfg = replace(moe_cfg, n_dense_layers=moe_cfg.n_layer)  # inter_dim: (K + shared) * H
-    rows, ceiling = [], {}
+    ceiling = {}
     for dispatch, cfg in (("ceiling", dense_cfg), (moe_cfg.moe.dispatch, moe_cfg)):
         torch.manual_seed(seed)
         with torch.device(device):
@@ -330,15 +330,13 @@ def bench_train():
             what = "dense twin" if dispatch == "ceiling" else "MoE"
             s, comp, mem = measure(f"train step, model={model} ({what}), {m}", step)
             ceiling.setdefault(m, s)
-            rows.append(row(s, gpt.flops_per_token() * idx.numel(), idx.numel(),
-                            case=f"model:{model}", **{"pass": "train"},
-                            routing="-" if dispatch == "ceiling" else "real",
-                            maxvio=None, dispatch=dispatch, mode=m, peak_mem_gib=mem,
-                            compile_s=comp if m != "eager" else None,
-                            ceiling_ratio=ceiling[m] / s))
+            yield row(s, gpt.flops_per_token() * idx.numel(), idx.numel(),
+                      case=f"model:{model}", **{"pass": "train"},
+                      routing="-" if dispatch == "ceiling" else "real",
+                      maxvio=None, dispatch=dispatch, mode=m, peak_mem_gib=mem,
+                      compile_s=comp if m != "eager" else None, ceiling_ratio=ceiling[m] / s)
         del gpt, opt
     torch._dynamo.reset()
-    return rows
 
 
 def add_speedups(rows):
@@ -386,18 +384,18 @@ def show(rows, console):
 
 
 def save(rows, peak, header, complete):
-    """Fill in % peak and speed-ups; write the rows to `json` if set (after every case too:
-    a run cut short keeps its rows)."""
+    """Fill in % peak and speed-ups; write the rows to `json` if set."""
     for r in rows:
         r["peak_frac"] = r["tflops"] * 1e12 / peak
     add_speedups(rows)
     if not json:
         return
     os.makedirs(os.path.dirname(json) or ".", exist_ok=True)
-    with open(json, "w") as fh:
+    with open(json + ".tmp", "w") as fh:  # then rename: a kill never leaves half a file
         fh.write(dumps(dict(header, peak_tflops=peak / 1e12, complete=complete, rows=rows,
                             profiles=_profiles, date=datetime.now().isoformat(timespec="seconds")),
                        indent=1))
+    os.replace(json + ".tmp", json)
 
 
 def main():
@@ -426,11 +424,11 @@ def main():
         _progress.add_task("", total=total)
         a, b = rand(peak_size, peak_size), rand(peak_size, peak_size)
         peak = 2 * peak_size**3 / measure("dense peak", lambda: a @ b, stat=min)[0]  # best case
-        for case in cases:
-            rows += bench_layer(case)
-            save(rows, peak, header, complete=False)
-        if "train" in passes:
-            rows += bench_train()
+        jobs = [bench_layer(c) for c in cases] + ([bench_train()] if "train" in passes else [])
+        for job in jobs:
+            for r in job:  # generators: measured one row at a time
+                rows.append(r)
+                save(rows, peak, header, complete=False)  # a run cut short keeps every row
         peak = max(peak, 2 * peak_size**3 / measure("dense peak", lambda: a @ b, stat=min)[0])
     save(rows, peak, header, complete=True)
     console.print(f"dense {header['dtype']} peak {peak / 1e12:.2f} TFLOP/s; "
