@@ -6,6 +6,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -31,8 +32,26 @@ def run_script(out_dir, *args, torchrun=False, check=True, script=os.path.join(H
            "--eval_iters=2", "--heatmap_svg=False", f"--out_dir={out_dir}", *args]
     if torchrun:
         cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "COLUMNS": "120"})
+    # torchrun starts its ranks in sessions of their own: on a timeout, SIGTERM it (it stops its
+    # ranks), then kill its group. Output goes to files, which a stray rank cannot hold open.
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True,
+                                env={**os.environ, "COLUMNS": "120"})
+        hung = False
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            hung = True
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out.seek(0), err.seek(0)
+        res = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
+    if hung:
+        pytest.fail(f"hung for 300 s: {' '.join(cmd)}\n{res.stdout[-3000:]}{res.stderr[-3000:]}")
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
