@@ -465,10 +465,12 @@ def test_bias_update_balances_a_skewed_router():
 
 
 def test_flipped_sign_bias_update_drives_maxvio_up():
-    # negative control: balance first, then flip the sign; the router must collapse again
+    # negative control: balance first, then flip the sign; the router must collapse again.
+    # How far depends on the init (all tokens onto 2 of the 8 experts: MaxVio 3; onto 4: 1.0;
+    # seeds 0-7 ended at 1.36-3.0 from 0.33-0.47), so ask for 3x, not for a fixed level.
     start, end = simulate_router_balancing(flip_sign=True, balance_first=100)
     assert start < 1.0, "the correct update must have balanced the router first"
-    assert end > start + 1.0, (start, end)
+    assert end > 3 * start, (start, end)
 
 
 # ---------------------------------------------------------------------------------------
