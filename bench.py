@@ -156,7 +156,8 @@ KINDS = {  # name patterns -> kind, first match wins; for the profile's share by
     "fused (inductor)": r"^triton_|cpp_fused|CompiledFxGraph",  # the graph call: CPU kernels
     "attention": r"attention|flash|fmha|sdpa",
     "sort / topk": r"sort|topk|radix|bitonic",
-    "copy / index": r"copy|memcpy|memset|index|gather|scatter|cat$|elementwise_kernel",
+    "copy / index": r"copy|memcpy|memset|index|gather|scatter|cat$",
+    "eager pointwise": r"elementwise_kernel|reduce_kernel",  # ATen's CUDA kernels
     "optimizer": r"adam|foreach|multi_tensor",
     "dispatch overhead": r"Torch-Compiled|CompiledFunction|Dynamo|AOTDispatcher|autograd::",
 }
