@@ -149,19 +149,20 @@ def groups_study(ckpt_path, batches=20, batch_size=8):
         model(get_batch(val, gen, batch_size, cfg.block_size, "cpu")[0])
     for h in hooks:
         h.remove()
-    rows = []
-    for i, g in enumerate(gates):
-        x, spans = torch.cat(inputs[g]), []
+    stats = []  # per layer: mean, max without the limit, then with it
+    for g in gates:
+        x, row = torch.cat(inputs[g]), []
         for routing in (replace(cfg.moe, n_limited_groups=G), cfg.moe):  # without, then with
             g.cfg = routing
             groups = g(x)[1] // (E // G)                                    # (T, K) group ids
-            spans.append(torch.zeros(len(x), G).scatter_(1, groups, 1.0).sum(1))  # (T,)
-        rows.append([f"MoE {i}", *(f"{f(s):.2f}" for s in spans for f in (torch.mean, torch.max))])
-    free, limited = (sum(float(r[c]) for r in rows) / len(rows) for c in (1, 3))
+            span = torch.zeros(len(x), G).scatter_(1, groups, 1.0).sum(1)    # (T,)
+            row += [span.mean().item(), span.max().item()]
+        stats.append(row)
+    free, limited = (fmean(s[c] for s in stats) for c in (0, 2))
     table = Table(f"{ckpt_path}: {E} experts in {G} groups, top-{cfg.moe.n_activated_experts}",
                   "groups per token, no limit: mean", "max", f"limit {M}: mean", "max")
-    for r in rows:
-        table.add_row(*r)
+    for i, s in enumerate(stats):
+        table.add_row(f"MoE {i}", *(f"{v:.2f}" for v in s))
     Console().print(table, f"The limit sends a token to {limited:.2f} groups on average instead "
                     f"of {free:.2f}: {100 * (1 - limited / free):.0f}% less dispatch traffic.")
     return free, limited
@@ -279,9 +280,9 @@ def arch_study(chosen, settings, out_dir, n_seeds):
     record = {"settings": settings, "seeds": seeds, "reference": ref, "arms": {}}
     cols = ["arm", "params M (active)", "MLP params M (active)", "val loss", f"- {ref}",
             "tokens/s", f"s to {ref}'s loss", "MaxVio global"]
-    rows = []
+    rows, configs = [], arch_configs(presets[base])
     for arm in chosen:  # each seed against the reference arm's run with the same seed
-        c, rs = param_counts(arch_configs(presets[base])[arm]), runs[arm]
+        c, rs = param_counts(configs[arm]), runs[arm]
         reach = [seconds_to(r["curve"], t) for r, t in zip(rs, loss[ref])]
         got = [s for s in reach if s is not None]
         rows.append([arm, f"{c['total'] / 1e6:.3f} ({c['active'] / 1e6:.3f})",
