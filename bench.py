@@ -41,8 +41,8 @@ import torch
 import torch._inductor.config
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
+from display import bench_table
 from model import GPT, presets as model_presets
 from moe import MoE, MoEConfig, max_vio, update_bias
 from train import auto_dtype, default_settings, parse_overrides, resolve_device
@@ -351,39 +351,6 @@ def add_speedups(rows):
             r[col] = o / r["ms"] if o and r[k] not in (other, "-", "ceiling") else None
 
 
-def show(rows, console):
-    cols = {"case": "", "routing": "", "dispatch": "", "mode": "", "pass": "", "ms": ".2f",
-            "compile s": ".1f", "tok/s": ",.0f", "TFLOP/s": ".3f", "ceiling": ".2f",
-            "% peak": ".0f", "x eager": ".2f", "x loop": ".2f", "GiB": ".2f"}
-    if all(r["peak_mem_gib"] is None for r in rows):
-        del cols["GiB"]  # no allocator statistics on a CPU
-    table = Table()
-    for col, spec in cols.items():
-        table.add_column(col, justify="right" if spec else "left")
-    for r in rows:
-        vio = f" {r['maxvio']:.2f}" if r["maxvio"] is not None else ""
-        values = [r["case"], r["routing"] + vio, r["dispatch"], r["mode"], r["pass"], r["ms"],
-                  r["compile_s"], r["tokens_per_s"], r["tflops"], r["ceiling_ratio"],
-                  100 * r["peak_frac"], r["speedup_compiled"], r["speedup_grouped"],
-                  r["peak_mem_gib"]]
-        table.add_row(*["" if v is None else format(v, f) for v, f in zip(values, cols.values())])
-    console.print(table)
-    for r in (r for r in rows if r["pass"] == "train" and r["dispatch"] != "ceiling"):
-        console.print(f"MoE tax, {r['case']} {r['mode']}: MoE tokens/s / dense tokens/s = "
-                      f"{r['ceiling_ratio']:.2f}", highlight=False)
-    for what, p in _profiles.items():
-        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in p["kinds"].items())
-        console.print(f"profile of {what}: {p['ms']:.2f} ms of self time per call; {kinds}",
-                      highlight=False)
-        table = Table()
-        for col in ("op / kernel", "calls", "ms", "%"):
-            table.add_column(col, justify="right" if col != "op / kernel" else "left")
-        for e in p["top"]:
-            table.add_row(e["name"][:90], f"{e['calls']:g}", f"{e['ms']:.2f}",
-                          f"{100 * e['share']:.1f}")
-        console.print(table)
-
-
 def save(rows, peak, header, complete):
     """Fill in % peak and speed-ups; write the rows to `json` if set."""
     for r in rows:
@@ -434,7 +401,7 @@ def main():
     save(rows, peak, header, complete=True)
     console.print(f"dense {header['dtype']} peak {peak / 1e12:.2f} TFLOP/s; "
                   f"{time.perf_counter() - started:.0f} s", highlight=False)
-    show(rows, console)
+    bench_table(rows, _profiles, console)
     if json:
         console.print(f"wrote {len(rows)} rows to {json}")
 

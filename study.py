@@ -38,9 +38,10 @@ from rich.table import Table
 
 import train
 from data import get_batch, load_data
+from display import heatmap, plot_svg, save_svg, save_table
 from model import GPT, GPTConfig, presets
 from moe import MoE, MoEConfig, max_vio
-from train import arms, default_settings, heatmap, parse_overrides, save_svg
+from train import arms, default_settings, parse_overrides
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -230,23 +231,6 @@ def tokens_per_step(settings):
             (settings.get("block_size") or presets[settings["preset"]].block_size))
 
 
-def save_table(console, table, cols, rows, notes, out_dir, record):
-    """Print the table and notes; write them to study.md and record to study.json."""
-    for c in cols:
-        table.add_column(c, justify="left" if c == "arm" else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
-    for note in notes:
-        console.print(note)
-    with open(os.path.join(out_dir, "study.json"), "w") as f:
-        json.dump(record, f, indent=1)
-    with open(os.path.join(out_dir, "study.md"), "w") as f:
-        f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
-        f.writelines("| " + " | ".join(row) + " |\n" for row in rows)
-        f.writelines(f"\n{note}\n" for note in notes)
-
-
 def summarise_balance(arm, rows, settings):
     """Final val loss and MaxVio_global; MaxVio_batch over the last fifth of training."""
     train_rows = [r for r in rows if "loss" in r]
@@ -355,38 +339,6 @@ def seconds_to(curve, target):
             f = (prev["val_loss"] - target) / (prev["val_loss"] - p["val_loss"])
             return prev["seconds"] + f * (p["seconds"] - prev["seconds"])
     return None
-
-
-def plot_svg(lines, path, title, xlabel, W=640, H=400):
-    """A line chart in hand-written SVG: lines = [(label, colour, [(x, y), ...]), ...], the x
-    axis from 0, one legend entry per label."""
-    left, right, top, bottom = 60, 130, 30, 45  # margins
-    xs, ys = zip(*(p for *_, pts in lines for p in pts))
-    x1, y0, y1 = max(xs), min(ys), max(ys) + 1e-9
-    def sx(x): return left + x / x1 * (W - left - right)
-    def sy(y): return top + (y1 - y) / (y1 - y0) * (H - top - bottom)
-    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
-           'font-family="sans-serif" font-size="12">',
-           '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>',
-           f'<text x="{(W + left - right) / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>',
-           f'<path d="M{left},{top} V{H - bottom} H{W - right}" stroke="black" fill="none"/>']
-    for i in range(5):  # ticks, and grid lines across
-        x, y = x1 * i / 4, y0 + (y1 - y0) * i / 4
-        xt = f"{x:,.0f}" if x1 >= 10 else f"{x:.2f}"
-        svg += [f'<text x="{sx(x):.1f}" y="{H - bottom + 16}" text-anchor="middle">{xt}</text>',
-                f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3f}</text>',
-                f'<path d="M{left},{sy(y):.1f} H{W - right}" stroke="#dddddd"/>']
-    for label, colour, pts in lines:
-        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        svg.append(f'<polyline points="{d}" fill="none" stroke="{colour}" stroke-width="1.5">'
-                   f'<title>{label}</title></polyline>')
-    for i, (label, colour) in enumerate(dict((l, c) for l, c, _ in lines).items()):
-        y = top + 10 + 18 * i
-        svg += [f'<path d="M{W - right + 10},{y} h20" stroke="{colour}" stroke-width="3"/>',
-                f'<text x="{W - right + 36}" y="{y + 4}">{label}</text>']
-    with open(path, "w") as f:
-        f.write("\n".join(svg + ["</svg>\n"]))
 
 
 def train_arm():

@@ -13,7 +13,6 @@ Every setting below can be overridden with --key=value. After each optimizer ste
 biases are updated in place from the loads of the whole step (all micro-batches, all ranks).
 """
 import inspect
-import io
 import json
 import math
 import os
@@ -36,12 +35,10 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
-from rich.text import Text
 
 from data import atomic_save, get_batch, load_data
+from display import show_eval, summary_table
 from model import GPT, presets
 from moe import MoE, max_vio, update_bias
 
@@ -157,21 +154,7 @@ def auto_dtype(dev):
     return "float32", "this CPU has no native bf16 matmul (bf16 would be emulated, ~3x slower)"
 
 
-# ----------------------------------------------------------------------------- display
-def heatmap(loads, title):
-    """Rows MoE layers, columns experts; colour = load / mean load (blue low, red high)."""
-    table = Table(title=title, show_header=False, box=None, padding=(0, 0))
-    for i, row in enumerate(loads / loads.mean(-1, keepdim=True).clamp_min(1e-9)):
-        text = Text(f"MoE {i:>2} ")
-        for r in row.tolist():
-            t = min(max(r - 1, -1), 1)  # -1 .. 1 around the mean
-            rgb = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t > 0 else \
-                  (int(255 * (1 + t)), int(255 * (1 + t)), 255)
-            text.append("██", style=f"rgb({rgb[0]},{rgb[1]},{rgb[2]})")
-        table.add_row(text.append(f"  max/mean {row.max():.2f}  min/mean {row.min():.2f}"))
-    return table
-
-
+# ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def sample_text(model, text, n_tokens, dev):
     """Continue `text` (bytes vocab) or token 0 (other vocabs: shown as token ids)."""
@@ -181,7 +164,6 @@ def sample_text(model, text, n_tokens, dev):
     return bytes(ids).decode("utf-8", errors="replace") if vocab == 256 else str(ids)
 
 
-# ----------------------------------------------------------------------------- evaluation
 def eval_load_counter(model, dev):
     """(n_moe_layers, E) int64 counts of the experts each MoE layer picks in eval-mode forwards:
     a forward hook on every gate adds its picks. Static shapes, so it compiles into the same
@@ -232,14 +214,6 @@ def wrap_ddp(module):
     if "forward_sync_buffers" in inspect.signature(DDP).parameters:
         return DDP(module, forward_sync_buffers=False)
     return DDP(module, broadcast_buffers=False)
-
-
-def save_svg(renderables, path, title):
-    """What rich would print, as an SVG picture (for slides and the README)."""
-    rec = Console(record=True, width=120, file=io.StringIO())
-    for r in renderables:
-        rec.print(r)
-    rec.save_svg(path, title=title)
 
 
 def lr_at(it, decay_iters):
@@ -367,32 +341,6 @@ def save_checkpoint(path, model, optimizer, it, config, gen, dev, world, master)
                      "rng": torch.get_rng_state(), "data_rng": [s.cpu() for s in states]}, path)
 
 
-def show_eval(console, it, val_loss, val_loads, text):
-    """Val loss, MaxVio_global, the load heatmap (also as SVG) and a sample; the log row."""
-    mv_global = max_vio(val_loads).mean().item() if len(val_loads) else float("nan")  # dense
-    if len(val_loads):
-        title = f"expert load / mean at iter {it} (val set)"
-        console.print(hm := heatmap(val_loads, title))
-        if heatmap_svg and not console.quiet:  # rank 0: the others' console is quiet
-            save_svg([hm], os.path.join(out_dir, f"heatmap_{it:06d}.svg"), title)
-    console.print(f"[bold]iter {it}[/]: val loss {val_loss:.4f}, MaxVio_global {mv_global:.3f}"
-                  f"\n[dim]{escape(text)}[/]")
-    return {"iter": it, "val_loss": val_loss, "maxvio_global": mv_global,
-            "loads": val_loads.tolist()}
-
-
-def summary_table(summary, dev, seconds):
-    table = Table("", "", title="summary", show_header=False)
-    for k in ("loss", "val_loss", "maxvio_global", "tokens_per_s", "mfu"):
-        if k in summary:
-            v = summary[k]
-            table.add_row(k, f"{v:,.4f}" if isinstance(v, float) else str(v))
-    if dev.startswith("cuda"):
-        table.add_row("peak GPU memory", f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
-    table.add_row("time", f"{seconds:.0f} s")
-    return table
-
-
 def main():
     # ---------------------------------------------------------------- set-up
     config = configure()
@@ -470,7 +418,8 @@ def main():
                 if not math.isfinite(val_loss):
                     nonfinite(console, "val loss", val_loss, it, ckpt_path)
                 text = sample_text(model, prompt, 200, dev) if eval_sample else ""
-                record(row := show_eval(progress.console, it, val_loss, val_loads, text))
+                record(row := show_eval(progress.console, it, val_loss, val_loads, text,
+                                           out_dir if heatmap_svg and master else None))
                 summary.update(val_loss=val_loss, maxvio_global=row["maxvio_global"])
                 save_checkpoint(ckpt_path, model, optimizer, it, config, train_gen, dev, world,
                                 master)

@@ -1,0 +1,152 @@
+"""
+What the other scripts show a person: expert-load heatmaps, summary and benchmark tables,
+hand-written SVG line plots, and the files they save. No training or measuring happens here.
+
+    from display import heatmap, save_svg
+    Console().print(hm := heatmap(loads, "expert load / mean"))   # loads (n_layers, E)
+    save_svg([hm], "heatmap.svg", "expert load")
+"""
+import io
+import json
+import os
+
+import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from moe import max_vio
+
+
+def heatmap(loads, title):
+    """Rows MoE layers, columns experts; colour = load / mean load (blue low, red high)."""
+    table = Table(title=title, show_header=False, box=None, padding=(0, 0))
+    for i, row in enumerate(loads / loads.mean(-1, keepdim=True).clamp_min(1e-9)):
+        text = Text(f"MoE {i:>2} ")
+        for r in row.tolist():
+            t = min(max(r - 1, -1), 1)  # -1 .. 1 around the mean
+            rgb = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t > 0 else \
+                  (int(255 * (1 + t)), int(255 * (1 + t)), 255)
+            text.append("██", style=f"rgb({rgb[0]},{rgb[1]},{rgb[2]})")
+        table.add_row(text.append(f"  max/mean {row.max():.2f}  min/mean {row.min():.2f}"))
+    return table
+
+
+def save_svg(renderables, path, title):
+    """What rich would print, as an SVG picture (for slides and the README)."""
+    rec = Console(record=True, width=120, file=io.StringIO())
+    for r in renderables:
+        rec.print(r)
+    rec.save_svg(path, title=title)
+
+
+def show_eval(console, it, val_loss, val_loads, text, svg_dir=None):
+    """train.py's eval report: val loss, MaxVio_global, the load heatmap (also as an SVG in
+    svg_dir, if given) and a sample. Returns the log row."""
+    mv_global = max_vio(val_loads).mean().item() if len(val_loads) else float("nan")  # dense
+    if len(val_loads):
+        title = f"expert load / mean at iter {it} (val set)"
+        console.print(hm := heatmap(val_loads, title))
+        if svg_dir:
+            save_svg([hm], os.path.join(svg_dir, f"heatmap_{it:06d}.svg"), title)
+    console.print(f"[bold]iter {it}[/]: val loss {val_loss:.4f}, MaxVio_global {mv_global:.3f}"
+                  f"\n[dim]{escape(text)}[/]")
+    return {"iter": it, "val_loss": val_loss, "maxvio_global": mv_global,
+            "loads": val_loads.tolist()}
+
+
+def summary_table(summary, dev, seconds):
+    """train.py's last word: final losses, balance, speed, peak GPU memory, time."""
+    table = Table("", "", title="summary", show_header=False)
+    for k in ("loss", "val_loss", "maxvio_global", "tokens_per_s", "mfu"):
+        if k in summary:
+            v = summary[k]
+            table.add_row(k, f"{v:,.4f}" if isinstance(v, float) else str(v))
+    if dev.startswith("cuda"):
+        table.add_row("peak GPU memory", f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
+    table.add_row("time", f"{seconds:.0f} s")
+    return table
+
+
+def bench_table(rows, profiles, console):
+    """bench.py's rows as one table, the MoE tax lines, then each profile's top ops."""
+    cols = {"case": "", "routing": "", "dispatch": "", "mode": "", "pass": "", "ms": ".2f",
+            "compile s": ".1f", "tok/s": ",.0f", "TFLOP/s": ".3f", "ceiling": ".2f",
+            "% peak": ".0f", "x eager": ".2f", "x loop": ".2f", "GiB": ".2f"}
+    if all(r["peak_mem_gib"] is None for r in rows):
+        del cols["GiB"]  # no allocator statistics on a CPU
+    table = Table()
+    for col, spec in cols.items():
+        table.add_column(col, justify="right" if spec else "left")
+    for r in rows:
+        vio = f" {r['maxvio']:.2f}" if r["maxvio"] is not None else ""
+        values = [r["case"], r["routing"] + vio, r["dispatch"], r["mode"], r["pass"], r["ms"],
+                  r["compile_s"], r["tokens_per_s"], r["tflops"], r["ceiling_ratio"],
+                  100 * r["peak_frac"], r["speedup_compiled"], r["speedup_grouped"],
+                  r["peak_mem_gib"]]
+        table.add_row(*["" if v is None else format(v, f) for v, f in zip(values, cols.values())])
+    console.print(table)
+    for r in (r for r in rows if r["pass"] == "train" and r["dispatch"] != "ceiling"):
+        console.print(f"MoE tax, {r['case']} {r['mode']}: MoE tokens/s / dense tokens/s = "
+                      f"{r['ceiling_ratio']:.2f}", highlight=False)
+    for what, p in profiles.items():
+        kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in p["kinds"].items())
+        console.print(f"profile of {what}: {p['ms']:.2f} ms of self time per call; {kinds}",
+                      highlight=False)
+        table = Table()
+        for col in ("op / kernel", "calls", "ms", "%"):
+            table.add_column(col, justify="right" if col != "op / kernel" else "left")
+        for e in p["top"]:
+            table.add_row(e["name"][:90], f"{e['calls']:g}", f"{e['ms']:.2f}",
+                          f"{100 * e['share']:.1f}")
+        console.print(table)
+
+
+def save_table(console, table, cols, rows, notes, out_dir, record):
+    """Print a study's table and notes; write them to study.md and record to study.json."""
+    for c in cols:
+        table.add_column(c, justify="left" if c == "arm" else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for note in notes:
+        console.print(note)
+    with open(os.path.join(out_dir, "study.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    with open(os.path.join(out_dir, "study.md"), "w") as f:
+        f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
+        f.writelines("| " + " | ".join(row) + " |\n" for row in rows)
+        f.writelines(f"\n{note}\n" for note in notes)
+
+
+def plot_svg(lines, path, title, xlabel, W=640, H=400):
+    """A line chart in hand-written SVG: lines = [(label, colour, [(x, y), ...]), ...], the x
+    axis from 0, one legend entry per label."""
+    left, right, top, bottom = 60, 130, 30, 45  # margins
+    xs, ys = zip(*(p for *_, pts in lines for p in pts))
+    x1, y0, y1 = max(xs), min(ys), max(ys) + 1e-9
+    def sx(x): return left + x / x1 * (W - left - right)
+    def sy(y): return top + (y1 - y) / (y1 - y0) * (H - top - bottom)
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" '
+           'font-family="sans-serif" font-size="12">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{W / 2}" y="18" text-anchor="middle" font-size="14">{title}</text>',
+           f'<text x="{(W + left - right) / 2}" y="{H - 8}" text-anchor="middle">{xlabel}</text>',
+           f'<path d="M{left},{top} V{H - bottom} H{W - right}" stroke="black" fill="none"/>']
+    for i in range(5):  # ticks, and grid lines across
+        x, y = x1 * i / 4, y0 + (y1 - y0) * i / 4
+        xt = f"{x:,.0f}" if x1 >= 10 else f"{x:.2f}"
+        svg += [f'<text x="{sx(x):.1f}" y="{H - bottom + 16}" text-anchor="middle">{xt}</text>',
+                f'<text x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{y:.3f}</text>',
+                f'<path d="M{left},{sy(y):.1f} H{W - right}" stroke="#dddddd"/>']
+    for label, colour, pts in lines:
+        d = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
+        svg.append(f'<polyline points="{d}" fill="none" stroke="{colour}" stroke-width="1.5">'
+                   f'<title>{label}</title></polyline>')
+    for i, (label, colour) in enumerate(dict((l, c) for l, c, _ in lines).items()):
+        y = top + 10 + 18 * i
+        svg += [f'<path d="M{W - right + 10},{y} h20" stroke="{colour}" stroke-width="3"/>',
+                f'<text x="{W - right + 36}" y="{y + 4}">{label}</text>']
+    with open(path, "w") as f:
+        f.write("\n".join(svg + ["</svg>\n"]))
