@@ -53,7 +53,7 @@ device = "auto"              # "auto", "cpu", "cuda", "cuda:1", ...
 dtype = "auto"               # "auto" (train.py's choice for the device), "bfloat16", "float32"
 cases = "small:4096"         # comma-separated layer:tokens, layers from `layers`
 routings = "real,balanced,skewed"
-dispatches = "loop,grouped"
+dispatches = "grouped,loop"  # grouped first, always: a time limit cuts the baseline
 modes = "eager,compiled"     # also "autotune"
 compile_loop = True          # False: the loop eager only (a graph break per expert)
 passes = "fwd,fwd+bwd,train"
@@ -126,8 +126,8 @@ def configure(argv):
             if item not in valid and not (key == "cases" and layer in layers and tokens.isdigit()):
                 fail(f"--{key}: {item!r} is not one of {', '.join(valid)}")
         globals()[key] = items
-    _runs = [(d, m) for d in dispatches for m in modes  # the (dispatch, mode) pairs to time
-             if compile_loop or d == "grouped" or m == "eager"]
+    _runs = [(d, m) for d in sorted(dispatches, key=lambda d: d != "grouped") for m in modes
+             if compile_loop or d == "grouped" or m == "eager"]  # the (dispatch, mode) pairs
 
 
 def measure(what, fn, stat=statistics.median):
@@ -192,8 +192,8 @@ def row(s, flops, tokens, **columns):
                 tflops=flops / s / 1e12)
 
 
-def rand(*shape):
-    return torch.randn(*shape, device=device, dtype=_dtype)
+def rand(*shape, dtype=None):
+    return torch.randn(*shape, device=device, dtype=dtype or _dtype)
 
 
 def compiled(module, mode, fullgraph):
@@ -203,16 +203,19 @@ def compiled(module, mode, fullgraph):
 
 
 def gemms(c: MoEConfig, T: int):
-    """(M, K, N) of every matmul of the layer's forward: routed rows, router, shared experts."""
+    """(M, K, N, dtype) of every matmul of the layer's forward: routed rows, router, shared
+    experts. The router runs in float32 whatever the layer's dtype, as moe.Gate does."""
     R, D, H = T * c.n_activated_experts, c.dim, c.moe_inter_dim
     S = c.n_shared_experts * H
-    shapes = [(R, D, H), (R, D, H), (R, H, D), (T, D, c.n_routed_experts)]
-    return shapes + ([(T, D, S), (T, D, S), (T, S, D)] if S else [])
+    shapes = [(R, D, H, _dtype), (R, D, H, _dtype), (R, H, D, _dtype),
+              (T, D, c.n_routed_experts, torch.float32)]
+    return shapes + ([(T, D, S, _dtype), (T, D, S, _dtype), (T, S, D, _dtype)] if S else [])
 
 
 def dense(shapes, backward):
     """The ceiling: C = A B for each shape; backward adds dA = dC B^T and dB = A^T dC."""
-    mats = [(rand(M, K), rand(K, N), rand(M, N)) for M, K, N in shapes]
+    mats = [(rand(M, K, dtype=t), rand(K, N, dtype=t), rand(M, N, dtype=t))
+            for M, K, N, t in shapes]
 
     def run():
         for a, b, dc in mats:
@@ -253,7 +256,7 @@ def bench_layer(case):
     L = min(T, 2048)  # tokens per sequence: only the balance loss sees sequences
     if T % L:
         fail(f"--cases={case}: {T} tokens do not split into sequences of {L}")
-    flops = sum(2 * M * K * N for M, K, N in gemms(c, T))
+    flops = sum(2 * M * K * N for M, K, N, _ in gemms(c, T))
     layer_passes, ceiling = [p for p in passes if p != "train"], {}
     for p in layer_passes:
         ceiling[p], _, mem = measure(f"{case} dense ceiling {p}", dense(gemms(c, T), p != "fwd"))

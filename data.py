@@ -71,16 +71,23 @@ def text_tokens(path):
 
 
 def read_shard(path):
-    """One llm.c shard, memory-mapped: 256 int32 header (magic 20240520), then uint16 tokens.
-    Copy-on-write mapping, because torch.frombuffer wants a writable buffer; nothing is ever
-    written, so the pages stay the file's and are read only when a window touches them."""
+    """One llm.c shard, memory-mapped: 256 int32 header (magic 20240520, version 1 = uint16
+    tokens, token count), then the tokens. Copy-on-write mapping, because torch.frombuffer
+    wants a writable buffer; nothing is ever written, so the pages stay the file's. The kernel
+    is told the access is random: by default each page fault also reads the pages around it
+    (read_ahead_kb, often megabytes), so a 514-byte window would cost a megabyte of reads and
+    of resident memory."""
     if os.path.getsize(path) < 1024:
         sys.exit(f"{path}: {os.path.getsize(path)} bytes, too short for the 1024-byte header")
     with open(path, "rb") as f:
         m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    m.madvise(mmap.MADV_RANDOM)
     header = torch.frombuffer(m, dtype=torch.int32, count=256)
     if header[0] != 20240520:
         sys.exit(f"{path}: magic {int(header[0])} is not 20240520; not an llm.c .bin shard")
+    if header[1] != 1:
+        sys.exit(f"{path}: header version {int(header[1])}; only version 1 (uint16 tokens) "
+                 "is known")
     n = int(header[2])
     if len(m) != 1024 + 2 * n:
         sys.exit(f"{path}: header says {n} tokens, file holds {(len(m) - 1024) // 2}: truncated?")
@@ -92,7 +99,11 @@ def bin_tokens(pattern):
     files = sorted(glob.glob(pattern))
     if not files:
         sys.exit(f"data={pattern!r} matches no files")
-    val = [f for f in files if "val" in os.path.basename(f)] or files[-1:]
+    val = [f for f in files if "val" in os.path.basename(f)]
+    if val == files:  # training on them would make the val loss meaningless
+        sys.exit(f"data={pattern!r} matches only val shards ({len(val)}); match the train "
+                 "shards too")
+    val = val or files[-1:]
     train = [f for f in files if f not in val] or val
     return {"train": [read_shard(f) for f in train], "val": [read_shard(f) for f in val]}
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe import MoE, MoEConfig, grouped_mm, max_vio, update_bias
 
@@ -291,6 +292,35 @@ def test_no_token_is_dropped(dispatch):
         (grad,) = torch.autograd.grad(y[t] @ torch.randn(D), moe.experts["w2"], retain_graph=True)
         reached = grad.flatten(1).abs().amax(1).nonzero().flatten().tolist()
         assert sorted(reached) == sorted(picks), f"token {t}: reached {reached}, picks {picks}"
+
+
+class CountTensorsOfShapes(TorchDispatchMode):
+    """Counts the tensors of the given shapes that the ops run under it return."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self.shapes, self.n = shapes, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            self.n += isinstance(t, torch.Tensor) and tuple(t.shape) in self.shapes
+        return out
+
+
+def stack_sized_tensors_in_loop_backward(n_experts):
+    moe = make_moe(dispatch="loop", n_routed_experts=n_experts, n_expert_groups=1,
+                   n_limited_groups=1, seq_aux_alpha=0.0)
+    y, _ = moe(torch.randn(2, 4 * n_experts, D))
+    with CountTensorsOfShapes({tuple(w.shape) for w in moe.experts.values()}) as count:
+        (y * torch.randn_like(y)).sum().backward()
+    return count.n
+
+
+def test_loop_backward_makes_each_weight_stack_once_whatever_the_number_of_experts():
+    # Indexing the stacks per expert (w1[e]) made every index's backward fill a zero tensor
+    # the size of the whole stack, so fwd+bwd grew with E x the size of the stack.
+    assert stack_sized_tensors_in_loop_backward(4) == stack_sized_tensors_in_loop_backward(16) <= 6
 
 
 # ---------------------------------------------------------------------------------------
