@@ -34,7 +34,9 @@ Design notes, each choice with its reason:
 - Dispatch "grouped": stable-sort the T*K (token, expert) pairs by expert, gather the rows,
   and run ONE grouped matmul per projection over per-expert segments whose int32 ends come
   from on-device counts. No .item(), nonzero or Python loop over experts: forward and
-  backward compile to one graph that does not change when routing does.
+  backward compile to one graph that does not change when routing does. The layer reads no
+  value on the host; torch's grouped matmul does, once per call, on CUDA unless the dtype is
+  bf16 and the GPU is of compute capability 9.x or 10.x (grouped_mm_path says which).
 - Grouped GEMM ignores autocast (trap 11): the layer casts to the autocast dtype itself.
   torch's native grouped matmul is bf16-only under compile; `grouped_mm` is the one place
   that chooses: native where it works, else a small custom op with a per-expert loop.
@@ -155,8 +157,47 @@ _grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """(R, D) rows sorted by group, (G, D, H) weights, (G,) int32 segment ends -> (R, H)."""
     if x.dtype == torch.bfloat16:
+        if _empty_groups_get_garbage_wgrad(x.device):
+            w = _ZeroEmptyGroupGrad.apply(w, offs)
         return F.grouped_mm(x, w, offs=offs)  # native, differentiable, compiles
     return _grouped_mm_op(x, w, offs)
+
+
+def grouped_mm_path(device: torch.device, dtype: torch.dtype) -> str:
+    """What torch runs for grouped_mm on this device and dtype. Its fast CUDA kernel exists for
+    bf16 on compute capability 9.x and 10.x (H100, H200, B200) only; on other GPUs, and in
+    fp32 or fp16 everywhere, it runs one matmul per group after copying offs to the host: a
+    sync per call (9 per MoE layer per training step), no CUDA graphs, and no error."""
+    if device.type != "cuda":
+        return f"one matmul per expert on the {device.type}, no sync"
+    major, minor = torch.cuda.get_device_capability(device)
+    if dtype == torch.bfloat16 and major in (9, 10):
+        return f"torch's grouped-GEMM kernel (bf16, compute capability {major}.{minor}), no sync"
+    return (f"per-expert fallback ({str(dtype).removeprefix('torch.')}, compute capability "
+            f"{major}.{minor}): one matmul per expert and a host sync per call")
+
+
+@torch.compiler.assume_constant_result
+def _empty_groups_get_garbage_wgrad(device: torch.device) -> bool:
+    """On compute capability 10.x, torch's kernel leaves the weight gradient of a group with
+    no rows uninitialised (pytorch#172439)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
+class _ZeroEmptyGroupGrad(torch.autograd.Function):
+    """The identity on w (G, D, H); its backward zeroes the gradient of the groups that got no
+    rows. Applied only where the kernel needs it (_empty_groups_get_garbage_wgrad)."""
+
+    @staticmethod
+    def forward(ctx, w, offs):
+        ctx.save_for_backward(offs)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, dw):
+        (offs,) = ctx.saved_tensors
+        rows = torch.diff(offs, prepend=offs.new_zeros(1))                  # (G,) per group
+        return torch.where((rows > 0)[:, None, None], dw, 0.0), None
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

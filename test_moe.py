@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import moe as moe_module
 from moe import MoE, MoEConfig, grouped_mm, max_vio, update_bias
 
 D = 16  # model width of every test layer; tiny so the Python references stay fast
@@ -734,3 +735,48 @@ def test_grouped_mm_backward_matches_segment_loop(dtype):
     (segment_loop(xr, wr) * r).sum().backward()
     assert_close_rel(x.grad, xr.grad, TOL[dtype], "x.grad")
     assert_close_rel(w.grad, wr.grad, TOL[dtype], "w.grad")  # zero for the empty segments
+
+
+@pytest.mark.parametrize("capability, dtype, fast", [((9, 0), torch.bfloat16, True),
+                                                      ((10, 0), torch.bfloat16, True),
+                                                      ((8, 0), torch.bfloat16, False),
+                                                      ((12, 0), torch.bfloat16, False),
+                                                      ((9, 0), torch.float32, False),
+                                                      ((9, 0), torch.float16, False)])
+def test_grouped_mm_path_names_torchs_fast_kernel_only_for_bf16_on_hopper_and_blackwell(
+        monkeypatch, capability, dtype, fast):
+    # torch's _grouped_mm_cuda takes its kernel for bf16 when the major version is 9 or 10,
+    # else one matmul per group after copying offs to the host (ATen GroupedBlas.cpp)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    path = moe_module.grouped_mm_path(torch.device("cuda"), dtype)
+    assert ("no sync" in path) == fast and ("host sync per call" in path) == (not fast), path
+    assert "no sync" in moe_module.grouped_mm_path(torch.device("cpu"), dtype)
+
+
+class GarbageGradOfEmptyGroups(torch.autograd.Function):
+    """The identity on w, whose backward fills the gradient of empty groups with NaN: what
+    torch's kernel leaves there on compute capability 10.x (pytorch#172439)."""
+
+    @staticmethod
+    def forward(ctx, w, empty):
+        ctx.save_for_backward(empty)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, dw):
+        (empty,) = ctx.saved_tensors
+        return dw.masked_fill(empty[:, None, None], float("nan")), None
+
+
+def test_empty_groups_get_a_zero_weight_gradient_where_the_kernel_leaves_garbage(monkeypatch):
+    real, empty = F.grouped_mm, torch.tensor(SEGMENTS) == 0
+    monkeypatch.setattr(F, "grouped_mm", lambda x, w, offs: real(
+        x, GarbageGradOfEmptyGroups.apply(w, empty), offs=offs))
+    monkeypatch.setattr(moe_module, "_empty_groups_get_garbage_wgrad", lambda device: True)
+    x, w, offs = grouped_mm_case(torch.bfloat16)
+    wr = w.detach().float().requires_grad_()
+    r = torch.randn(x.shape[0], 8)
+    (grouped_mm(x, w, offs).float() * r).sum().backward()
+    (segment_loop(x.detach().float(), wr) * r).sum().backward()
+    assert torch.equal(w.grad[empty], torch.zeros_like(w.grad[empty]))
+    assert_close_rel(w.grad, wr.grad, TOL[torch.bfloat16], "w.grad")
