@@ -204,6 +204,8 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token: 6 per active parameter plus attention scores (PaLM)."""
+        """Training FLOPs per token: 6 per active parameter (forward 2, backward 4) plus the
+        attention scores and their weighted sum, which PaLM counts as 12 * n_layer * n_embd * L.
+        Attention here is causal: query t sees t + 1 keys, (L + 1) / 2 on average, not L."""
         c, L = self.cfg, seq_len or self.cfg.block_size
-        return 6 * self.num_params(active=True) + 12 * c.n_layer * c.n_embd * L
+        return 6 * self.num_params(active=True) + 6 * c.n_layer * c.n_embd * (L + 1)

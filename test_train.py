@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 
 import pytest
 import torch
@@ -26,8 +27,10 @@ def tiny_model(**moe):
     return GPT(GPTConfig(**{**cfg.__dict__, "moe": MoEConfig(**{**cfg.moe.__dict__, **moe})}))
 
 
-def run_script(out_dir, *args, torchrun=False, check=True, script=os.path.join(HERE, "train.py")):
-    """train.py in a subprocess, as a user starts it, with the tiny preset and no compile."""
+def run_script(out_dir, *args, torchrun=False, check=True, script=os.path.join(HERE, "train.py"),
+               timeout=300):
+    """train.py in a subprocess, as a user starts it, with the tiny preset and no compile; a run
+    still going after `timeout` seconds fails the test as hung."""
     cmd = [sys.executable, script, "--preset=tiny", "--compile=False", "--batch_size=4",
            "--eval_iters=2", "--heatmap_svg=False", f"--out_dir={out_dir}", *args]
     if torchrun:
@@ -39,7 +42,7 @@ def run_script(out_dir, *args, torchrun=False, check=True, script=os.path.join(H
                                 env={**os.environ, "COLUMNS": "120"})
         hung = False
         try:
-            proc.wait(timeout=300)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             hung = True
             proc.terminate()
@@ -51,7 +54,7 @@ def run_script(out_dir, *args, torchrun=False, check=True, script=os.path.join(H
         out.seek(0), err.seek(0)
         res = subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read())
     if hung:
-        pytest.fail(f"hung for 300 s: {' '.join(cmd)}\n{res.stdout[-3000:]}{res.stderr[-3000:]}")
+        pytest.fail(f"hung for {timeout} s: {' '.join(cmd)}\n{res.stdout[-3000:]}{res.stderr[-3000:]}")
     if check:
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return res
@@ -203,6 +206,75 @@ def test_changing_later_tokens_leaves_earlier_logits_unchanged():
     a, b = model(idx, idx)[0], model(later, later)[0]
     torch.testing.assert_close(a[:, :20], b[:, :20])
     assert not torch.allclose(a[:, 20:], b[:, 20:])
+
+
+def test_training_flops_count_causal_attention_from_first_principles():
+    """Per token, 6 FLOPs per active parameter; per layer, query t takes dot products with its
+    t + 1 keys and sums as many values, 2 * n_embd FLOPs each, forward; backward twice that."""
+    model, L = tiny_model(), 16
+    c = model.cfg
+    attention = c.n_layer * sum(3 * 2 * (2 * c.n_embd) * (t + 1) for t in range(L)) / L
+    assert model.flops_per_token(L) == 6 * model.num_params(active=True) + attention
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
+    ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GeForce RTX 5090", None)])
+def test_peak_flops_are_looked_up_by_the_exact_part(name, peak):
+    # dense bf16 tensor-core peaks from NVIDIA's datasheets (half the sparsity figures)
+    assert train.peak_flops(name) == peak
+
+
+def test_auto_dtype_on_cuda_does_not_count_emulated_bf16(monkeypatch):
+    # a GPU whose bf16 exists only as emulation (torch's default answer counts it)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
+                        including_emulation)
+    assert train.auto_dtype("cuda")[0] == "float32"
+
+
+def test_tokens_per_second_count_training_time_only(monkeypatch, tmp_path, text_file):
+    """Evaluations (made 1 s slower here), samples and checkpoints are not training time."""
+    steps, real_step, real_eval = [], train.train_step, train.evaluate
+    def timed_step(*args):
+        t0 = time.perf_counter()
+        out = real_step(*args)
+        steps.append(time.perf_counter() - t0)
+        return out
+    monkeypatch.setattr(train, "train_step", timed_step)
+    monkeypatch.setattr(train, "evaluate", lambda *a: time.sleep(1) or real_eval(*a))
+    run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=9", "--eval_interval=3",
+             "--log_interval=9", "--batch_size=4", "--eval_sample=False")
+    row = [r for r in map(json.loads, open(tmp_path / "log.jsonl")) if "tokens_per_s" in r][-1]
+    timed = 4 * presets["tiny"].block_size * 8 / sum(steps[1:])  # the first step compiles
+    assert 0.7 * timed < row["tokens_per_s"] <= 1.01 * timed, (row["tokens_per_s"], timed)
+
+
+def test_sampling_and_evaluation_run_under_the_training_autocast(monkeypatch, tmp_path, text_file):
+    seen, build = [], train.GPT  # (training?, autocast on?, autocast dtype) of every forward
+    def gpt(cfg):
+        model = build(cfg)
+        model.register_forward_pre_hook(lambda m, args: seen.append(
+            (m.training, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+        return model
+    monkeypatch.setattr(train, "GPT", gpt)
+    run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=2", "--eval_interval=2",
+             "--dtype=bfloat16", "--batch_size=4")
+    assert sum(not training for training, *_ in seen) == 2 + 200  # val batches, sampled tokens
+    assert set(seen) == {(True, True, torch.bfloat16), (False, True, torch.bfloat16)}
+
+
+def test_no_evaluation_means_no_checkpoint_and_the_gpu_preset_trains_at_1e3(monkeypatch, tmp_path,
+                                                                          text_file):
+    run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=2", "--eval_iters=0",
+             "--batch_size=4")
+    assert not (tmp_path / "ckpt.pt").exists() and train.learning_rate == 3e-3
+    assert [r["iter"] for r in map(json.loads, open(tmp_path / "log.jsonl"))] == [2]
+    monkeypatch.setattr(sys, "argv", ["train.py", "--preset=gpu"])
+    assert train.configure()["learning_rate"] == 1e-3
+    monkeypatch.setattr(sys, "argv", ["train.py", "--preset=gpu", "--learning_rate=2e-3"])
+    assert train.configure()["learning_rate"] == 2e-3
 
 
 def test_learning_rate_schedule(monkeypatch):
@@ -500,106 +572,6 @@ def test_checkpoint_carrying_a_pickled_object_is_refused_not_run(tmp_path):
     assert not victim.exists()
     torch.load(tmp_path / "ckpt.pt", weights_only=False)  # the control: plain pickle runs it
     assert victim.exists()
-
-
-def _ddp_worker(rank, world, port, result_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    model = tiny_model()
-    torch.manual_seed(100 + rank)  # each rank sees different tokens, hence different loads
-    for _ in range(5):
-        model(torch.randint(0, 256, (4, 32)))
-        update_bias(model, gamma=0.01)
-    biases = torch.stack([m.gate.bias for m in model.modules() if isinstance(m, MoE)])
-    torch.save(biases, os.path.join(result_dir, f"bias{rank}.pt"))
-    torch.distributed.destroy_process_group()
-
-
-def test_two_gloo_ranks_keep_identical_biases(tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2)
-    b0, b1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
-    assert b0.abs().sum() > 0 and torch.equal(b0, b1)
-    # and without the all_reduce the ranks would have drifted apart: loads differ per rank
-    local = tiny_model()
-    torch.manual_seed(100)
-    for _ in range(5):
-        local(torch.randint(0, 256, (4, 32)))
-        update_bias(local, gamma=0.01)
-    assert not torch.equal(local.layers[-1].ffn.gate.bias, b0[-1])
-
-
-PROBE = """import os, sys, torch
-sys.path.insert(0, {here!r})
-import train
-GPT, seen = train.GPT, []
-train.GPT = lambda cfg: seen.append(GPT(cfg)) or seen[-1]
-train.main()
-biases = [m.gate.bias for m in seen[0].modules() if hasattr(m, "gate")]
-torch.save(biases, os.path.join(train.out_dir, "bias%s.pt" % os.environ["RANK"]))
-sys.stdout.flush(); sys.stderr.flush()
-os._exit(0)  # skip interpreter teardown, where gloo has hung or aborted after correct results
-"""
-
-
-def test_torchrun_two_ranks_train_and_keep_identical_biases(tmp_path, text_file):
-    probe = tmp_path / "probe.py"  # train.py, then each rank saves the biases it holds
-    probe.write_text(PROBE.format(here=HERE))
-    res = run_script(tmp_path, f"--data={text_file}", "--max_iters=4", "--eval_interval=4",
-                     "--log_interval=2", "--balance=bias", torchrun=True, script=str(probe))
-    assert "FutureWarning" not in res.stderr  # DDP's buffer switch under its current name
-    rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
-    assert [r["iter"] for r in rows if "loss" in r] == [2, 4]
-    assert len(torch.load(tmp_path / "ckpt.pt", weights_only=True)["data_rng"]) == 2
-    b0, b1 = torch.load(tmp_path / "bias0.pt"), torch.load(tmp_path / "bias1.pt")
-    assert all(b.abs().sum() > 0 for b in b0)       # they moved
-    assert all(torch.equal(x, y) for x, y in zip(b0, b1))
-    ckpt = gate_biases(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
-    assert all(torch.equal(x, y) for x, y in zip(b0, ckpt))
-
-
-FSDP_PROBE = """import os, sys, torch
-sys.path.insert(0, {here!r})
-import train
-calls, rank, world = [0], int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-def batch(shards, gen, B, L, dev):  # one global batch of 8 per call; each rank takes its part
-    g = torch.Generator().manual_seed(1000 + calls[0])
-    calls[0] += 1
-    xy = torch.randint(0, 256, (8, L + 1), generator=g).view(world, -1, L + 1)[rank]
-    return xy[:, :-1], xy[:, 1:]
-train.get_batch = batch
-GPT, seen = train.GPT, []
-train.GPT = lambda cfg: seen.append(GPT(cfg)) or seen[-1]
-train.main()
-biases = [m.gate.bias for m in seen[-1].modules() if hasattr(m, "gate")]
-torch.save(biases, os.path.join(train.out_dir, "bias%d.pt" % rank))
-sys.stdout.flush(); sys.stderr.flush()
-os._exit(0)  # skip interpreter teardown, where gloo has hung or aborted after correct results
-"""
-
-
-def test_fsdp_on_two_ranks_equals_one_process_on_the_same_global_batch(tmp_path, text_file):
-    probe = tmp_path / "probe.py"
-    probe.write_text(FSDP_PROBE.format(here=HERE))
-    common = [f"--data={text_file}", "--max_iters=3", "--eval_interval=3", "--dtype=float32",
-              "--balance=bias", "--learning_rate=1e-2", "--warmup_iters=1"]
-    run_script(tmp_path / "one", *common, "--batch_size=8", script=str(probe))
-    # gloo may abort at exit after correct results: judge the files the ranks wrote
-    run_script(tmp_path / "fsdp", *common, "--batch_size=4", "--fsdp=True", torchrun=True,
-               check=False, script=str(probe))
-    one = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=True)
-    sharded = torch.load(tmp_path / "fsdp" / "ckpt.pt", weights_only=True)
-    assert sharded["iter"] == one["iter"] == 3 and one["model"].keys() == sharded["model"].keys()
-    for k, v in one["model"].items():
-        assert (sharded["model"][k] - v).abs().max() < 1e-5, k
-    b0, b1 = (torch.load(tmp_path / "fsdp" / f"bias{r}.pt") for r in (0, 1))
-    assert all(b.abs().sum() > 0 and b.dtype == torch.float32 for b in b0)
-    assert all(torch.equal(x, y) for x, y in zip(b0, b1))
-    assert all(torch.equal(x, y) for x, y in zip(b0, torch.load(tmp_path / "one" / "bias0.pt")))
-    GPT(presets["tiny"]).load_state_dict(sharded["model"])  # a single process loads it
 
 
 def _train_arm(arm, steps=100, seed=0, skew=0.5):

@@ -12,6 +12,7 @@ Train a small DeepSeek-V3-style MoE GPT, offline, with aux-loss-free balancing.
 Every setting below can be overridden with --key=value. After each optimizer step the expert
 biases are updated in place from the loads of the whole step (all micro-batches, all ranks).
 """
+import gc
 import inspect
 import json
 import math
@@ -21,6 +22,7 @@ import re
 import signal
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import asdict, replace
 
@@ -31,7 +33,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 from rich.console import Console
@@ -40,7 +42,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from data import atomic_save, get_batch, load_data
 from display import show_eval, summary_table
 from model import GPT, presets
-from moe import MoE, max_vio, update_bias
+from moe import MoE, grouped_mm_path, max_vio, update_bias
 
 # ----------------------------------------------------------------------------- settings
 out_dir = "out"
@@ -53,9 +55,9 @@ gradient_accumulation_steps = 1
 max_iters = 1200
 lr_decay_iters = 0           # 0: max_iters
 eval_interval = 300
-eval_iters = 20
+eval_iters = 20              # val batches per evaluation; 0: no evaluation, so no checkpoint
 log_interval = 20
-learning_rate = 3e-3
+learning_rate = 3e-3         # the gpu preset's default is 1e-3: see preset_settings
 min_lr = 3e-4
 warmup_iters = 50
 weight_decay = 0.1           # V3: 0.1, matrices only
@@ -84,8 +86,13 @@ arms = {  # balancing arm: values of arms_keys
     "none": (0.0, 0.0, "sequence"), "aux": (0.0, 1e-3, "sequence"),
     "aux_batch": (0.0, 1e-3, "batch"), "bias": (1e-3, 0.0, "sequence"),
     "v3": (1e-3, 1e-4, "sequence")}
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L40": 181e12,
-              "L4": 121e12, "A10G": 70e12, "4090": 165e12, "3090": 71e12}  # dense bf16; first match
+preset_settings = {  # defaults a preset changes, unless given (the arch study's gpu scale)
+    "gpu": dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=200)}
+PEAK_FLOPS = [  # dense bf16 tensor-core FLOP/s by part, from the vendors' datasheets; the first
+    # whole-word match of the CUDA device name wins, so the slower PCIe and NVL parts come first
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+    ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
 
 
 def default_settings(namespace=None):
@@ -131,6 +138,11 @@ def resolve_device(name):
     return name
 
 
+def peak_flops(device_name):
+    """PEAK_FLOPS of the first part whose name is a whole word of device_name; None if none."""
+    return next((v for part, v in PEAK_FLOPS if re.search(rf"\b{part}\b", device_name)), None)
+
+
 def cpu_flags():
     """The CPU's feature flags (Linux); empty where /proc/cpuinfo is missing."""
     try:
@@ -146,7 +158,7 @@ def auto_dtype(dev):
     the Moonlight/4 layer's compiled fwd+bwd 2.4-2.8x faster than fp32, the cpu preset's training
     step the same speed); fp32 elsewhere, where emulated bf16 runs ~3x slower."""
     if dev.startswith("cuda"):
-        if torch.cuda.is_bf16_supported():
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bfloat16", "this GPU has bf16 tensor cores"
         return "float32", "this GPU has no bf16 support"
     if cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX512-BF16 / AMX, Arm BF16
@@ -156,11 +168,14 @@ def auto_dtype(dev):
 
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def sample_text(model, text, n_tokens, dev):
-    """Continue `text` (bytes vocab) or token 0 (other vocabs: shown as token ids)."""
+def sample_text(model, text, n_tokens, dev, ctx):
+    """Continue `text` (bytes vocab) or token 0 (other vocabs: shown as token ids), under the
+    training's autocast ctx, so that it samples the model that was trained and evaluated;
+    eagerly, since every new length would be a new shape for blocks compiled in place."""
     vocab = model.cfg.vocab_size
     idx = torch.tensor([list(text.encode()) if vocab == 256 else [0]], device=dev)
-    ids = model.generate(idx, n_tokens, temperature, top_k)[0].tolist()
+    with ctx, torch.compiler.set_stance("force_eager"):
+        ids = model.generate(idx, n_tokens, temperature, top_k)[0].tolist()
     return bytes(ids).decode("utf-8", errors="replace") if vocab == 256 else str(ids)
 
 
@@ -192,6 +207,9 @@ def evaluate(model, loads, shards, B, L, dev, ctx, iters, seed):
         with ctx:
             total += model(x, y)[1]  # eval mode: aux_loss is 0, this is cross-entropy
     model.train()
+    if dist.is_initialized():  # the ranks' mean: a non-finite loss on any rank stops them all
+        dist.all_reduce(total)
+        total /= dist.get_world_size()
     return total.item() / iters, loads.double().cpu()
 
 
@@ -226,18 +244,18 @@ def lr_at(it, decay_iters):
 
 def configure():
     """Settings from the command line into this module's globals; the balancing arm fills in
-    gamma, alpha and the aux scope unless they were given. Returns all settings, for the
-    checkpoint."""
+    gamma, alpha and the aux scope, and the preset its own defaults, unless they were given.
+    Returns all settings, for the checkpoint."""
     settings = default_settings()
     given = parse_overrides(sys.argv[1:], settings)
     globals().update(given)
     if balance not in arms:
         sys.exit(f"--balance={balance!r}: expected one of {', '.join(arms)}")
-    for key, value in zip(arms_keys, arms[balance]):
-        if key not in given:
-            globals()[key] = value
     if preset not in presets:
         sys.exit(f"--preset={preset!r}: expected one of {', '.join(presets)}")
+    for key, value in {**dict(zip(arms_keys, arms[balance])), **preset_settings.get(preset, {})}.items():
+        if key not in given:
+            globals()[key] = value
     if init_from not in ("scratch", "resume") or dtype not in ("auto", "bfloat16", "float32"):
         sys.exit(f"init_from={init_from!r} / dtype={dtype!r}: see the docstring for valid values")
     return {k: globals()[k] for k in settings}
@@ -256,11 +274,15 @@ def init_distributed():
     return ddp, rank, world, dev
 
 
-def build_model(ckpt, dev, mesh=None, bf16=False):
+def build_model(ckpt, dev, mesh=None):
     """The preset with the settings' overrides (a checkpoint's shapes win; balancing as set
     now), on dev, with the checkpoint's weights if there is one. With a device mesh: built on
     the meta device, sharded with FSDP2 (each block, then the root), then filled from a full
-    state dict that every rank holds on the CPU (broadcasting it would need numpy)."""
+    state dict that every rank holds on the CPU (broadcasting it would need numpy). FSDP2
+    keeps fp32 weights and the run's autocast does the bf16 casts, as in one process: its own
+    bf16 MixedPrecisionPolicy would round the router weight (trap 3) and, by casting every
+    block's inputs, the residual stream and the rotary tables. The price: all-gathers of fp32
+    weights, twice the bytes of bf16."""
     cfg = presets[preset]
     cfg = replace(cfg, block_size=block_size or cfg.block_size,
                   vocab_size=vocab_size or cfg.vocab_size,
@@ -278,14 +300,27 @@ def build_model(ckpt, dev, mesh=None, bf16=False):
     full = ckpt["model"] if ckpt is not None else GPT(cfg).state_dict()  # same init as above
     with torch.device("meta"):
         model = GPT(cfg)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                              reduce_dtype=torch.float32)
     for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     model.to_empty(device=dev)
     model.reset_parameters()  # buffers outside the state dict: rotary tables, expert counts
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+    return model
+
+
+def compiled_model(model, distributed):
+    """torch.compile of the whole model in one process. Under DDP or FSDP2, one compile per
+    block instead, of its forward only: DDP can then all-reduce a block's gradients as soon as
+    that block's backward ends, while the blocks below run theirs (one graph for the whole
+    model ends its backward with every gradient at once, and DDP wrapping it gets no
+    DDPOptimizer), and FSDP2's hooks, which gather and free each block's weights, stay
+    outside the graphs. Same-shaped blocks share their graphs."""
+    fullgraph = model.cfg.moe.dispatch == "grouped"
+    if not distributed:
+        return torch.compile(model, fullgraph=fullgraph)
+    for block in model.layers:
+        block.forward = torch.compile(block.forward, fullgraph=fullgraph)
     return model
 
 
@@ -301,11 +336,16 @@ def make_optimizer(model, dev):
 
 def train_step(fwd, model, optimizer, shards, gen, ctx, dev, ddp, stop):
     """Forward and backward over the micro-batches, clip, and, unless the gradient is not
-    finite, step. One host sync: the flag that says "stop" (NaN, or Ctrl-C on any rank)."""
+    finite, step. One host sync: the flag that says "stop" (NaN, or Ctrl-C on any rank); on
+    CUDA, where torch has no fast grouped GEMM for this GPU and dtype, every grouped matmul
+    syncs as well (moe.grouped_mm_path)."""
     for micro in range(gradient_accumulation_steps):
         x, y = get_batch(shards, gen, batch_size, model.cfg.block_size, dev)
-        if isinstance(fwd, DDP):  # all-reduce the gradients once, after the last micro-batch
-            fwd.require_backward_grad_sync = micro == gradient_accumulation_steps - 1
+        last = micro == gradient_accumulation_steps - 1  # reduce the gradients once, at the end
+        if isinstance(fwd, DDP):
+            fwd.require_backward_grad_sync = last
+        elif isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(last)
         with ctx:
             _, loss, aux = fwd(x, y)
         (loss / gradient_accumulation_steps).backward()
@@ -315,7 +355,7 @@ def train_step(fwd, model, optimizer, shards, gen, ctx, dev, ddp, stop):
                         norm.new_full((), float(bool(stop)))])  # a fill, no host copy
     if ddp:  # every rank stops at the same step, or the others would hang
         dist.all_reduce(flag)
-    bad, interrupted = flag.tolist()  # the one host sync of a step
+    bad, interrupted = flag.tolist()  # the step's host sync
     if not bad:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -342,9 +382,31 @@ def save_checkpoint(path, model, optimizer, it, config, gen, dev, world, master)
 
 
 def main():
-    # ---------------------------------------------------------------- set-up
     config = configure()
     ddp, rank, world, dev = init_distributed()
+    try:
+        run(config, ddp, rank, world, dev)
+    except BaseException as e:  # sys.exit and Ctrl-C too: free what run() held before teardown
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        if ddp:
+            teardown()
+
+
+def teardown():
+    """Destroy the process group after everything that holds it. torch binds DDP's C++
+    Reducer so that its destructor keeps the GIL; if the Reducer held the last reference to
+    the group, that destructor joins the group's worker threads while a worker, freeing a
+    finished collective's tensors, waits for the GIL: a hang at exit (gloo, 1 run in 8 here).
+    Freed first, DDP only drops one reference; destroy_process_group then frees the group
+    through the group's own binding, which lets go of the GIL while it joins."""
+    gc.collect()  # DDP and FSDP objects caught in reference cycles
+    dist.destroy_process_group()
+
+
+def run(config, ddp, rank, world, dev):
+    # ---------------------------------------------------------------- set-up
     master = rank == 0
     console = Console(quiet=not master)
     dtype_name, why = auto_dtype(dev) if dtype == "auto" else (dtype, "set by --dtype")
@@ -360,9 +422,9 @@ def main():
     if fsdp and not ddp:
         sys.exit("--fsdp=True shards over ranks: start it with torchrun")
     mesh = init_device_mesh(dev.split(":")[0], (world,)) if fsdp else None  # explicit: gloo on CPU
-    model = build_model(ckpt, dev, mesh, bf16=dtype_name == "bfloat16")
+    model = build_model(ckpt, dev, mesh)
     if sample:
-        print(sample_text(model, prompt, max_new_tokens, dev))
+        print(sample_text(model, prompt, max_new_tokens, dev, ctx))
         return
     splits = load_data(data, os.path.join(out_dir, "cache"), model.cfg.block_size)
     optimizer = make_optimizer(model, dev)
@@ -376,7 +438,7 @@ def main():
                             torch.Generator().manual_seed(seed + rank).get_state())
         torch.set_rng_state(ckpt["rng"])
     eval_loads = eval_load_counter(model, dev)
-    compiled = torch.compile(model) if compile else model  # evaluation runs it too
+    compiled = compiled_model(model, ddp) if compile else model  # evaluation runs it too
     fwd = wrap_ddp(compiled) if ddp and not fsdp else compiled
     stop = []  # Ctrl-C finishes the current step, saves, and exits; a second one aborts
     def on_sigint(*_):
@@ -392,32 +454,33 @@ def main():
     L = model.cfg.block_size
     tokens_per_step = batch_size * L * gradient_accumulation_steps * world
     flops = model.flops_per_token(L)
-    peak = next((v for k, v in PEAK_FLOPS.items()
-                 if dev.startswith("cuda") and k in torch.cuda.get_device_name(dev)), None)
+    peak = peak_flops(torch.cuda.get_device_name(dev)) if dev.startswith("cuda") else None
     console.print(f"[bold]{preset}[/] preset on {dev} ({world} rank(s)): "
                   f"{model.num_params() / 1e6:.2f}M parameters, "
                   f"{model.num_params(active=True) / 1e6:.2f}M active per token; "
                   f"{dtype_name} ({why}); "
                   f"data={data} ({sum(map(len, splits['train'])) / 1e6:.1f}M train tokens); "
                   f"balance={balance} (gamma={bias_update_speed}, alpha={seq_aux_alpha}, "
-                  f"{aux_scope}); {tokens_per_step} tokens per step")
+                  f"{aux_scope}); {tokens_per_step} tokens per step" + (
+                      f"; grouped GEMM: {grouped_mm_path(torch.device(dev), getattr(torch, dtype_name))}"
+                      if dev.startswith("cuda") else ""))
     progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, disable=not master)
     task = progress.add_task("training", total=max_iters, completed=it)
     summary, maxvio = {}, []
-    t_start = t_log = time.time()
-    it_log = start_it = it
+    t_start, start_it = time.time(), it
+    timed, train_s = 0, 0.0  # steps and seconds of training since the last log row
 
     # ---------------------------------------------------------------- the loop
     with progress:
         while True:
-            if (it % eval_interval == 0 and it > start_it) or it == max_iters:
+            if eval_iters and ((it % eval_interval == 0 and it > start_it) or it == max_iters):
                 val_loss, val_loads = evaluate(compiled, eval_loads, splits["val"], batch_size,
                                                L, dev, ctx, eval_iters, seed)
                 if not math.isfinite(val_loss):
                     nonfinite(console, "val loss", val_loss, it, ckpt_path)
-                text = sample_text(model, prompt, 200, dev) if eval_sample else ""
+                text = sample_text(model, prompt, 200, dev, ctx) if eval_sample else ""
                 record(row := show_eval(progress.console, it, val_loss, val_loads, text,
                                            out_dir if heatmap_svg and master else None))
                 summary.update(val_loss=val_loss, maxvio_global=row["maxvio_global"])
@@ -428,6 +491,7 @@ def main():
             lr = lr_at(it, lr_decay_iters or max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            t0 = time.time()
             loss, aux, norm, bad, interrupted = train_step(fwd, model, optimizer, splits["train"],
                                                            train_gen, ctx, dev, ddp, stop)
             if bad:  # before optimizer.step: the weights are still good
@@ -437,20 +501,20 @@ def main():
             loads = update_bias(model, gamma=0.0 if frozen else None)  # whole step, all ranks
             maxvio.append(max_vio(loads).mean() if len(loads) else torch.zeros((), device=dev))
             it += 1
-            if it == start_it + 1:  # the first step pays for compilation: keep it out of tokens/s
-                t_log, it_log = time.time(), it
-            if it % log_interval == 0 or it == max_iters:
-                tok_s = tokens_per_step * (it - it_log) / (time.time() - t_log)
+            if it > start_it + 1:  # the first step pays for compilation: not in tokens/s
+                timed, train_s = timed + 1, train_s + time.time() - t0
+            if it % log_interval == 0 or it == max_iters:  # tokens/s of training time alone
+                tok_s = tokens_per_step * timed / train_s if timed else 0.0
                 mfu = f"{100 * flops * tok_s / world / peak:.1f}%" if peak else "n/a"
                 row = {"iter": it, "loss": (loss - aux).item(), "aux_loss": aux.item(), "lr": lr,
                        "tokens_per_s": tok_s, "mfu": mfu,
-                       "maxvio_batch": torch.stack(maxvio[-max(1, it - it_log):]).mean().item()}
+                       "maxvio_batch": torch.stack(maxvio).mean().item()}
                 record(row)
                 summary.update(loss=row["loss"], tokens_per_s=tok_s, mfu=mfu)
                 progress.update(task, description=(
                     f"loss {row['loss']:.3f} aux {row['aux_loss']:.2e} lr {lr:.1e} "
                     f"{tok_s:,.0f} tok/s MFU {mfu} MaxVio {row['maxvio_batch']:.2f}"))
-                t_log, it_log, maxvio = time.time(), it, []
+                timed, train_s, maxvio = 0, 0.0, []
             progress.update(task, completed=it)
             if interrupted:
                 save_checkpoint(ckpt_path, model, optimizer, it, config, train_gen, dev, world,
@@ -460,8 +524,6 @@ def main():
                 break
 
     console.print(summary_table(summary, dev, time.time() - t_start))
-    if ddp:
-        dist.destroy_process_group()
 
 
 def nonfinite(console, what, value, it, ckpt_path):
