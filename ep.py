@@ -1,51 +1,42 @@
 """
 Expert parallelism (EP) for moe.py's layer: each of R ranks holds E/R of every MoE layer's
-routed experts, and tokens travel by all-to-all to the ranks that hold their picks, then back.
-The router, its bias and counts, the balance loss and the shared experts run as in moe.py, on
-each rank's own tokens; in training everything but the experts is data-parallel (DDP).
+routed experts; tokens travel by all-to-all to the ranks holding their picks, and back. The
+router, its bias and counts, the balance loss and the shared experts run as in moe.py on each
+rank's own tokens; in training all but the experts is data-parallel (DDP).
 
-    torchrun --standalone --nproc_per_node=2 train.py --ep=True         # train with EP
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=4 ep.py    # the traffic table
-
-    from ep import shard_experts
-    shard_experts(model)   # on every rank, after init_process_group: keeps this rank's experts
+    torchrun --standalone --nproc_per_node=2 train.py --ep=True     # train with EP
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=4 study.py --study=traffic
 
 Design notes, each choice with its reason:
-- Experts are sharded contiguously, as in the official inference code: rank r holds experts
-  [r*E/R, (r+1)*E/R). A rank, or a node of several ranks, then holds whole expert groups when
-  R (the node count) divides G, and the router's group limit M bounds the ranks (nodes) a token
-  can reach [V3 2.1.2].
-- Once per destination rank (DeepEP's rule; torchtitan sends once per pick): a token that picks
-  several experts on one rank travels there once, with its (local expert, weight) pairs, and
-  comes back once, as their weighted sum. A row carries all K slots, -1 where that pick is held
-  elsewhere, so every shape is static except the number of rows.
+- Rank r holds experts [r*E/R, (r+1)*E/R), contiguous as in the official code: a rank (or a
+  node of ranks) holds whole expert groups when R (the node count) divides G, so the router's
+  group limit M bounds the ranks (nodes) a token reaches [V3 2.1.2].
+- Once per destination rank (DeepEP's rule; torchtitan sends once per pick): a token with
+  several picks on one rank travels there once, with its (local expert, weight) pairs, and
+  returns once as their weighted sum. A row carries all K slots (-1: a pick held elsewhere),
+  so every shape is static but the number of rows.
 - One host sync per layer call, in `dispatch`: all_to_all_single takes its split sizes as
-  Python ints, so the per-rank row and pair counts (exchanged first, by a small equal-split
-  all-to-all) are copied to the host once. Nothing else syncs. The exchange runs eagerly
-  (torch.compiler.disable), since its sizes change with every batch.
-- Precision: a rank adds its weighted expert outputs for a row in fp32 and sends the sum back
-  in the compute dtype (bf16 under autocast halves the return trip, as in DeepEP); the source
-  adds the partial sums in fp32. In fp32 the layer equals the single-process layer up to the
-  order of its sums (test_ep.py).
-- Gradients: the backward of an all-to-all is the same all-to-all with the splits swapped, so
-  an expert's gradient sums the contributions of every rank's tokens: the gradient of the SUM
-  of the ranks' losses. DDP averages the other gradients: the gradient of their MEAN.
-  `keep_experts_out_of_ddp` takes the experts out of DDP and scales their gradients by 1/R, so
-  that every gradient is the single-process gradient of the mean loss over all ranks' tokens.
-  Clipping needs the norm over all shards: `clip_grad_norm_`.
-- Checkpoints hold full expert tensors (`gather_experts` on save; on load `shard_experts` and
-  `shard_optimizer_state`), so a single process can sample or resume from an EP checkpoint.
+  Python ints, so the row and pair counts (first exchanged by a small equal-split all-to-all)
+  are copied to the host once. Nothing else syncs. The exchange runs eagerly
+  (torch.compiler.disable): its sizes change with every batch.
+- Precision: a rank adds a row's weighted expert outputs in fp32 and returns the sum in the
+  compute dtype (under bf16 autocast that halves the return trip, as in DeepEP); the source
+  adds the sums in fp32. In fp32 the layer equals one process up to the order of its sums.
+- Gradients: an all-to-all's backward is the same all-to-all with the splits swapped, so an
+  expert's gradient sums every rank's tokens: the gradient of the SUM of the R ranks' losses,
+  where DDP makes the others that of their MEAN. keep_experts_out_of_ddp keeps the experts
+  out of DDP and scales their gradients by 1/R: every gradient is then the single-process
+  gradient of the mean loss over all ranks' tokens. clip_grad_norm_ counts every shard once.
+- Checkpoints hold full expert tensors (gather_experts on save; shard_experts and
+  shard_optimizer_state on load), so one process can sample or resume from an EP checkpoint.
 """
-import math
-import sys
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from moe import MoE, MoEConfig, _compute_dtype, grouped_mm
+from moe import MoE, _compute_dtype, grouped_mm
 
 
 class _AllToAll(torch.autograd.Function):
@@ -74,19 +65,19 @@ def dispatch(x, weights, indices, n_local_experts):
     route that `combine` takes back. R ranks, S rows sent, N rows received."""
     T, K = indices.shape
     R = dist.get_world_size()
-    dest = indices // n_local_experts                                         # (T, K) rank of each pick
+    dest = indices // n_local_experts                                         # (T, K) holder's rank
     hit = torch.zeros(T, R, dtype=torch.bool, device=x.device).scatter_(1, dest, True)  # (T, R)
     pairs = torch.zeros(R, dtype=torch.long, device=x.device).scatter_add_(
         0, dest.flatten(), torch.ones_like(dest.flatten()))                   # (R,) picks per rank
     send_counts = torch.stack([hit.sum(0), pairs], 1)                         # (R, 2) rows, pairs
     recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts)                          # (R, 2) from each rank
+    dist.all_to_all_single(recv_counts, send_counts)                          # (R, 2) from each
     # THE host sync: all_to_all_single wants its split sizes as Python ints
     sizes = torch.cat([send_counts[:, 0], recv_counts[:, 0], recv_counts[:, 1].sum(0, True)])
     sizes = sizes.tolist()
     send, recv, P = sizes[:R], sizes[R:2 * R], sizes[-1]
     rank, token = torch.nonzero_static(hit.T, size=sum(send)).unbind(1)      # (S,) rank-major
-    mine = dest[token] == rank[:, None]                                       # (S, K) picks on `rank`
+    mine = dest[token] == rank[:, None]                                       # (S, K) held there
     local = torch.where(mine, indices[token] - rank[:, None] * n_local_experts, -1).int()
     w = torch.where(mine, weights[token], 0.0)                                # (S, K)
     rows = _AllToAll.apply(x[token], send, recv)                              # (N, D)
@@ -211,3 +202,4 @@ def shard_optimizer_state(model, optim_state):
             if torch.is_tensor(value) and value.shape == (m.cfg.n_routed_experts, *p.shape[1:]):
                 optim_state["state"][name][key] = value[lo:hi].clone()
     return optim_state
+
