@@ -72,7 +72,7 @@ def dispatch(x, weights, indices, n_local_experts):
     send_counts = torch.stack([hit.sum(0), pairs], 1)                         # (R, 2) rows, pairs
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts)                          # (R, 2) from each
-    # THE host sync: all_to_all_single wants its split sizes as Python ints
+    # the one host sync of the layer: all_to_all_single takes its split sizes as Python ints
     sizes = torch.cat([send_counts[:, 0], recv_counts[:, 0], recv_counts[:, 1].sum(0, True)])
     sizes = sizes.tolist()
     send, recv, P = sizes[:R], sizes[R:2 * R], sizes[-1]
@@ -99,9 +99,10 @@ class EPMoE(MoE):
 
     @torch.compiler.disable
     def _grouped(self, x, weights, indices, counts):
-        """x (T, D) -> (T, D): dispatch, the local experts (one grouped matmul per projection
-        over the P (row, pick) pairs sorted by expert), combine. `counts` (global experts)
-        is unused: the local counts come from the rows received."""
+        """x (T, D) -> (T, D): dispatch, the local experts, combine. T tokens, K picks, El local
+        experts, N rows received, P (row, pick) pairs for local experts, D = dim, H =
+        moe_inter_dim. `counts` (per global expert) is unused: the rows received set the
+        local segments. One grouped matmul per projection, as in MoE._grouped."""
         T, K = indices.shape
         El = self.n_local_experts
         w1, w3, w2 = self._expert_weights(_compute_dtype(x))

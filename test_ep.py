@@ -18,15 +18,20 @@ import traceback
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ep import clip_grad_norm_, combine, dispatch, keep_experts_out_of_ddp, shard_experts
+from model import GPT, presets
+from moe import MoE, MoEConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TIMEOUT = 240  # seconds; a launch that takes longer is stopped and its tests fail
 
 
 def run(cmd, timeout=TIMEOUT, **env):
-    """cmd in a subprocess -> (returncode, output). A run that hangs fails the test: torchrun
-    starts its ranks in sessions of their own, so SIGTERM it (it stops them), then kill its
-    process group. Output goes to a file, which a stray rank cannot block."""
+    """cmd in a subprocess -> (returncode, output); returncode None if it hung, then stopped:
+    torchrun starts its ranks in sessions of their own, so SIGTERM torchrun (it stops them),
+    then kill its process group. Output goes to a file, which a stray rank cannot block."""
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True,
                                 start_new_session=True,
@@ -41,7 +46,7 @@ def run(cmd, timeout=TIMEOUT, **env):
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
             out.seek(0)
-            pytest.fail(f"hung for {timeout} s: {' '.join(map(str, cmd))}\n{out.read()[-4000:]}")
+            return None, f"{out.read()}\nhung for {timeout} s, stopped: {' '.join(map(str, cmd))}"
         out.seek(0)
         return proc.returncode, out.read()
 
@@ -60,7 +65,6 @@ def torchrun(n, script, *args):
 # (run by every rank of a launch; `python test_ep.py OUT_DIR CASE...` under torchrun)
 
 def moe_cfg(**kw):
-    from moe import MoEConfig
     base = dict(dim=32, moe_inter_dim=16, n_routed_experts=8, n_activated_experts=3,
                 n_shared_experts=1, seq_aux_alpha=0.01)
     return MoEConfig(**{**base, **kw})
@@ -89,8 +93,6 @@ def ep_against_one_process(cfg, B=2, L=16, setup=None, autocast=False, rel=1e-5)
     """EP on this rank's B sequences against moe.MoE on all R*B: outputs, input gradients,
     expert, router and shared-expert gradients, the balance loss and the expert counts. The
     loss is <y, c> + the balance loss; the ranks' losses (balance loss / R) sum to it."""
-    from ep import shard_experts
-    from moe import MoE
     R, r = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)  # the same layer, batch and cotangent on every rank
     layer = MoE(cfg)
@@ -141,7 +143,6 @@ def case_identity():
     """Integer-valued rows through dispatch, identity experts, combine: every rank receives
     from every rank exactly the tokens with a pick on it, once each, with exactly their picks
     held here; and the weighted sums come back bitwise equal to the input, in fp32 and bf16."""
-    from ep import combine, dispatch
     R, r = dist.get_world_size(), dist.get_rank()
     E, K, T, D = 8, 4, 48, 6
     El = E // R
@@ -232,9 +233,6 @@ def case_bf16():
 def ddp_against_one_process():
     """One training step's gradients: EP + DDP on each rank's B sequences, loss = mean over its
     tokens, against one process on all of them (loss = mean over all tokens)."""
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    from ep import keep_experts_out_of_ddp, shard_experts
-    from moe import MoE
     R, r, B, L = dist.get_world_size(), dist.get_rank(), 2, 16
     cfg = moe_cfg()
     torch.manual_seed(0)
@@ -273,7 +271,6 @@ def case_ddp_grads():
 def case_clip():
     """clip_grad_norm_ finds the single-process norm (every expert shard counted once) and
     clips as one process would."""
-    from ep import clip_grad_norm_
     ref, ep = ddp_against_one_process()
     full = torch.nn.utils.get_total_norm([p.grad for p in ref.parameters()])
     norm = clip_grad_norm_(ep, full / 2)
@@ -283,8 +280,17 @@ def case_clip():
         assert_close(name, p.grad, want, 1e-5)
 
 
+def case_num_params():
+    """A sharded model counts its parameters, and those a token uses, as the whole model."""
+    torch.manual_seed(0)
+    model = GPT(presets["tiny"])
+    counts = model.num_params(), model.num_params(active=True)
+    shard_experts(model)
+    assert (model.num_params(), model.num_params(active=True)) == counts
+
+
 CASES = {name[5:]: f for name, f in list(globals().items()) if name.startswith("case_")}
-LAUNCHES = {2: ["exact", "identity", "silent_peer", "bf16", "ddp_grads", "clip"],
+LAUNCHES = {2: ["exact", "identity", "silent_peer", "bf16", "ddp_grads", "clip", "num_params"],
             4: ["exact", "identity", "one_expert", "expert_per_rank", "bias_forced", "ddp_grads"]}
 
 
@@ -372,6 +378,10 @@ def test_ddp_gradients_equal_the_single_process_gradient_of_the_mean_loss(launch
 
 def test_clip_norm_counts_every_expert_shard_once(launch):
     check(launch, 2, "clip")
+
+
+def test_a_sharded_model_counts_all_its_parameters(launch):
+    check(launch, 2, "num_params")
 
 
 # ------------------------------------------------------------------------------ training
@@ -476,5 +486,4 @@ def test_unsupported_ep_settings_end_with_one_line(env, args):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, HERE)
     worker(sys.argv[1], sys.argv[2:])
