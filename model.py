@@ -194,12 +194,12 @@ class GPT(nn.Module):
     def num_params(self, active: bool = False) -> int:
         """Parameters, without the embedding table (a lookup, not a matmul). With active=True,
         only the K of E routed experts a token uses count: what a token actually costs."""
-        n = sum(p.numel() for p in self.parameters()) - self.embed.weight.numel()
-        if active:
-            m = self.cfg.moe
-            for layer in self.layers:
-                if isinstance(layer.ffn, MoE):
-                    routed = sum(p.numel() for p in layer.ffn.experts.values())
+        n, m = sum(p.numel() for p in self.parameters()) - self.embed.weight.numel(), self.cfg.moe
+        for layer in self.layers:
+            if isinstance(layer.ffn, MoE):
+                routed = 3 * m.n_routed_experts * m.dim * m.moe_inter_dim
+                n += routed - sum(p.numel() for p in layer.ffn.experts.values())  # ep.py: a shard
+                if active:
                     n -= routed * (m.n_routed_experts - m.n_activated_experts) // m.n_routed_experts
         return n
 

@@ -1,11 +1,12 @@
 """
 Two studies; each arm is a train.py run with the same data, seed, steps and settings except
-what the arm is about, and one table compares them.
+what the arm is about, and one table compares them. Two more on routing traffic.
 
     python study.py                       # does aux-loss-free balancing work? ~15 min, 2 cores
     python study.py --study=arch          # does the MoE pay? DeepSeekMoE vs dense, ~20 min
     python study.py --scale=gpu           # either study at GPU size
     python study.py --study=groups        # why node-limited routing exists, on out/ckpt.pt
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=4 study.py --study=traffic
     python study.py --arms=none,bias --max_iters=100   # any train.py setting passes through
 
 balance (default): train.py's --balance arms; val loss, MaxVio_global and _batch against the
@@ -16,6 +17,10 @@ train.py's dtype), training seconds to reach the dense run's final val loss, Max
 MoE tax (tokens/s of fine+shared / dense) and which loss gaps exceed the seed spread. Val loss
 against tokens and against training seconds (tokens / median tokens/s: compile and evals left
 out) in loss_vs_tokens.svg and loss_vs_seconds.svg.
+
+traffic: ep.py's all-to-all bytes per token, measured and from the formula, on 4 gloo ranks
+as 4 and as 2 emulated nodes, with the router's group limit and without; then DeepSeek-V3's
+copies per token on paper (docs/ep.md).
 
 Runs go to out_dir/<arm>/ (arch: out_dir/<arm>/seed<N>/), the table to study.json and study.md.
 Arch runs are `python study.py --train --preset=cpu:fine ...`: train.py with the arch shapes
@@ -33,6 +38,8 @@ from statistics import fmean, median
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's optional numpy
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -40,7 +47,8 @@ import train
 from data import get_batch, load_data
 from display import heatmap, plot_svg, save_svg, save_table
 from model import GPT, GPTConfig, presets
-from moe import MoE, MoEConfig, max_vio
+from ep import combine, dispatch
+from moe import Gate, MoE, MoEConfig, max_vio
 from train import arms, default_settings, parse_overrides
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -169,6 +177,93 @@ def groups_study(ckpt_path, batches=20, batch_size=8):
     return free, limited
 
 
+@torch.no_grad()
+def traffic(nodes, limited, T=4096, D=256, E=16, K=4):
+    """Bytes per token that ep.py's dispatch and combine hand to all_to_all_single for other
+    ranks (counted by wrapping it), and the formula: copies times the bytes of a row, plus the
+    counts exchange; copies counted from the picks (the other ranks, nodes, holding one). The R
+    ranks emulate `nodes` nodes; the router has a group per node and keeps half, or all."""
+    R, r = dist.get_world_size(), dist.get_rank()
+    cfg = MoEConfig(dim=D, n_routed_experts=E, n_activated_experts=K, n_expert_groups=nodes,
+                    n_limited_groups=nodes // 2 if limited else nodes)
+    torch.manual_seed(0)                                       # the same router on every rank
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(1 + r)).bfloat16()
+    weights, indices, _ = Gate(cfg)(x)
+    sent, phase, real = torch.zeros(2, R), [0], dist.all_to_all_single
+    def counting(out, inp, out_splits=None, in_splits=None, **kw):
+        row = inp.element_size() * math.prod(inp.shape[1:])
+        sent[phase[0]] += torch.tensor(in_splits or [len(inp) // R] * R) * row
+        return real(out, inp, out_splits, in_splits, **kw)
+    dist.all_to_all_single = counting
+    try:
+        rows, local, w, P, route = dispatch(x, weights, indices, E // R)
+        phase[0] = 1
+        combine(rows, route, T)                                # as if experts were the identity
+    finally:
+        dist.all_to_all_single = real
+    node = torch.arange(R) // (R // nodes)                     # (R,) emulated node of each rank
+    away, abroad = torch.arange(R) != r, node != node[r]       # (R,) other ranks, other nodes
+    ranks = F.one_hot(indices // (E // R), R).amax(1).bool()  # (T, R) ranks a token visits
+    homes = F.one_hot(indices // (E // nodes), nodes).amax(1).bool()  # (T, nodes) its nodes
+    copies = lambda hit: hit.float().sum(1).mean()
+    row_in, row_out = 2 * D + 8 * K, 2 * D                     # bf16 x, K int32 ids + fp32 weights
+    counts = lambda to: 16 * to.sum() / T                      # the (rows, pairs) int64 exchange
+    stats = torch.stack([copies(ranks[:, away]), copies(ranks[:, abroad]),
+                         copies(homes) - homes[:, node[r]].float().mean(),
+                         sent[0, away].sum() / T, copies(ranks[:, away]) * row_in + counts(away),
+                         sent[0, abroad].sum() / T,
+                         copies(ranks[:, abroad]) * row_in + counts(abroad),
+                         sent[1, away].sum() / T, copies(ranks[:, away]) * row_out])
+    dist.all_reduce(stats)
+    return (stats / R).tolist()
+
+
+def v3_copies(limited, T=20000):
+    """DeepSeek-V3's routing (256 experts, 8 groups, top-8, 4 groups kept) on 8 nodes of 8 GPUs
+    (4 experts each): mean copies of a token sent per pick, per GPU and per node, and of those
+    the copies that leave its own node (drawn uniformly). A random router on random inputs."""
+    cfg = MoEConfig(dim=64, n_routed_experts=256, n_activated_experts=8, n_expert_groups=8,
+                    n_limited_groups=4 if limited else 8, route_scale=2.5)
+    torch.manual_seed(0)
+    indices = Gate(cfg)(torch.randn(T, 64))[1]                 # (T, 8)
+    home = torch.randint(0, 8, (T, 1))                         # (T, 1) the token's own node
+    out = []
+    for per in (1, 4, 32):                                     # experts per copy: pick, GPU, node
+        hit = F.one_hot(indices // per, 256 // per).amax(1)   # (T, places) places it visits
+        abroad = torch.arange(256 // per) // (32 // per) != home  # (T, places) on other nodes
+        out += [hit.sum(1).float().mean().item(), (hit * abroad).sum(1).float().mean().item()]
+    return out
+
+
+def traffic_study():
+    """The tables of docs/ep.md, printed as markdown by rank 0."""
+    if "RANK" not in os.environ:
+        sys.exit("--study=traffic measures traffic between ranks: start it with OMP_NUM_THREADS=1 "
+                 "torchrun --standalone --nproc_per_node=4 study.py --study=traffic")
+    dist.init_process_group("gloo")
+    R = dist.get_world_size()
+    rows = [(n, lim, traffic(n, lim)) for n in (R, R // 2) for lim in (True, False)]
+    if dist.get_rank() == 0:
+        print(f"{R} gloo ranks; 16 experts, top-4; bf16 rows of 256: bytes per token to other "
+              "ranks, measured and from the formula\n\n| nodes x ranks | router | copies to "
+              "other ranks | to other nodes | other nodes reached | dispatch B/token | formula "
+              "| to other nodes | formula | combine B/token | formula |\n" + "|---" * 11 + "|")
+        for n, lim, s in rows:
+            router = f"{n} groups, {f'keep {n // 2}' if lim else 'no limit'}"
+            print(f"| {n} x {R // n} | {router} | " + " | ".join(
+                f"{v:.2f}" if i < 3 else f"{v:.1f}" for i, v in enumerate(s)) + " |")
+        print("\nDeepSeek-V3 on paper (8 nodes x 8 GPUs, 4 experts per GPU), copies per token: "
+              "sent | leaving the token's node\n\n| router | per pick | leaving | per GPU | "
+              "leaving | per node | leaving |\n" + "|---" * 7 + "|")
+        for lim in (True, False):
+            print(f"| {'keep 4 of 8 groups' if lim else 'no limit'} | "
+                  + " | ".join(f"{v:.2f}" for v in v3_copies(lim)) + " |")
+        exact = [n * (1 - math.comb(256 - 256 // n, 8) / math.comb(256, 8)) for n in (64, 8)]
+        print(f"\nUniform picks without the limit, exact: {exact[0]:.2f} GPUs, "
+              f"{exact[1]:.2f} nodes")
+    dist.destroy_process_group()
+
+
 def main():
     args = dict(study="balance", scale="cpu", arms="", out_dir="", seed=1337, seeds=3,
                 ckpt="out/ckpt.pt")
@@ -177,6 +272,8 @@ def main():
     passthrough = [a for a in sys.argv[1:] if a not in given]
     if args["study"] == "groups":
         return groups_study(args["ckpt"])
+    if args["study"] == "traffic":
+        return traffic_study()
     if args["study"] not in scales:
         sys.exit(f"--study={args['study']!r}: expected one of {', '.join(scales)}")
     study = args["study"]

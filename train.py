@@ -8,6 +8,7 @@ Train a small DeepSeek-V3-style MoE GPT, offline, with aux-loss-free balancing.
     python train.py --sample --prompt='def '         # sample from out_dir/ckpt.pt
     python train.py --balance=aux                    # none | aux | aux_batch | bias | v3
     torchrun --standalone --nproc_per_node=2 train.py --preset=gpu --device=cuda
+    torchrun --standalone --nproc_per_node=2 train.py --ep=True     # experts sharded (ep.py)
 
 Every setting below can be overridden with --key=value. After each optimizer step the expert
 biases are updated in place from the loads of the whole step (all micro-batches, all ranks).
@@ -41,6 +42,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from data import atomic_save, get_batch, load_data
 from display import show_eval, summary_table
+from ep import clip_grad_norm_ as ep_clip_grad_norm_
+from ep import gather_experts, keep_experts_out_of_ddp, shard_experts, shard_optimizer_state
 from model import GPT, presets
 from moe import MoE, grouped_mm_path, max_vio, update_bias
 
@@ -70,6 +73,7 @@ bias_freeze_frac = 0.0       # final fraction of iterations with gamma = 0 (V3: 
 init_from = "scratch"        # "scratch" or "resume"
 compile = True
 fsdp = False                 # under torchrun: shard weights, gradients and AdamW state (FSDP2)
+ep = False                   # under torchrun: shard the routed experts over the ranks, the rest DDP
 device = "auto"              # "auto", "cpu", "cuda", "cuda:1", ...
 dtype = "auto"               # autocast: "auto" (bf16 where the hardware has it), "bfloat16", "float32"
 seed = 1337
@@ -258,6 +262,11 @@ def configure():
             globals()[key] = value
     if init_from not in ("scratch", "resume") or dtype not in ("auto", "bfloat16", "float32"):
         sys.exit(f"init_from={init_from!r} / dtype={dtype!r}: see the docstring for valid values")
+    world, experts = int(os.environ.get("WORLD_SIZE", 0)), presets[preset].moe.n_routed_experts
+    if ep and (fsdp or not world or experts % world):
+        sys.exit(f"--ep=True shards the {experts} routed experts evenly over torchrun's ranks "
+                 "and keeps the rest DDP: start it with torchrun, a rank count that divides "
+                 f"{experts}, and without --fsdp=True")
     return {k: globals()[k] for k in settings}
 
 
@@ -296,7 +305,7 @@ def build_model(ckpt, dev, mesh=None):
         model = GPT(cfg).to(dev)
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
-        return model
+        return shard_experts(model) if ep else model  # after loading: checkpoints hold all experts
     full = ckpt["model"] if ckpt is not None else GPT(cfg).state_dict()  # same init as above
     with torch.device("meta"):
         model = GPT(cfg)
@@ -316,7 +325,7 @@ def compiled_model(model, distributed):
     model ends its backward with every gradient at once, and DDP wrapping it gets no
     DDPOptimizer), and FSDP2's hooks, which gather and free each block's weights, stay
     outside the graphs. Same-shaped blocks share their graphs."""
-    fullgraph = model.cfg.moe.dispatch == "grouped"
+    fullgraph = model.cfg.moe.dispatch == "grouped" and not ep  # ep.py's exchange runs eagerly
     if not distributed:
         return torch.compile(model, fullgraph=fullgraph)
     for block in model.layers:
@@ -349,7 +358,8 @@ def train_step(fwd, model, optimizer, shards, gen, ctx, dev, ddp, stop):
         with ctx:
             _, loss, aux = fwd(x, y)
         (loss / gradient_accumulation_steps).backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)  # all micro-batches, ranks
+    norm = (ep_clip_grad_norm_(model, grad_clip) if ep else  # all micro-batches, ranks, shards
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm      # FSDP: a sharded norm
     flag = torch.stack([torch.isfinite(norm).logical_not().float(),
                         norm.new_full((), float(bool(stop)))])  # a fill, no host copy
@@ -369,6 +379,8 @@ def save_checkpoint(path, model, optimizer, it, config, gen, dev, world, master)
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model_state = get_model_state_dict(model, options=full)  # collectives: every rank calls
     optim_state = get_optimizer_state_dict(model, optimizer, options=full)
+    if ep:  # the experts are plain tensors, sharded by ep.py: gather them too
+        gather_experts(model, optimizer, model_state, optim_state)
     state = gen.get_state().to(dev)
     states = [torch.empty_like(state) for _ in range(world)]
     if world > 1:
@@ -431,7 +443,8 @@ def run(config, ddp, rank, world, dev):
     train_gen = torch.Generator().manual_seed(seed + rank)
     it = 0
     if ckpt is not None:
-        set_optimizer_state_dict(model, optimizer, ckpt["optimizer"],
+        set_optimizer_state_dict(model, optimizer, shard_optimizer_state(model, ckpt["optimizer"])
+                                 if ep else ckpt["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         it = ckpt["iter"]
         train_gen.set_state(ckpt["data_rng"][rank] if rank < len(ckpt["data_rng"]) else
@@ -439,6 +452,8 @@ def run(config, ddp, rank, world, dev):
         torch.set_rng_state(ckpt["rng"])
     eval_loads = eval_load_counter(model, dev)
     compiled = compiled_model(model, ddp) if compile else model  # evaluation runs it too
+    if ep:  # before DDP: the expert shards stay out of its broadcast and all-reduce
+        keep_experts_out_of_ddp(compiled)
     fwd = wrap_ddp(compiled) if ddp and not fsdp else compiled
     stop = []  # Ctrl-C finishes the current step, saves, and exits; a second one aborts
     def on_sigint(*_):
