@@ -23,6 +23,7 @@ train.GPT = lambda cfg: seen.append(GPT(cfg)) or seen[-1]
 train.main()
 biases = [m.gate.bias.clone() for m in seen[-1].modules() if hasattr(m, "gate")]
 torch.save(biases, os.path.join(train.out_dir, "bias%d.pt" % rank))
+seen.clear()  # an FSDP model holds its process group
 {after}
 """
 SAME_GLOBAL_BATCH = """calls = [0]
@@ -35,6 +36,16 @@ train.get_batch = batch"""
 NO_GRAPH_BREAKS = """from torch._dynamo.utils import counters
 assert not counters["unimplemented"], list(counters["unimplemented"])  # graph breaks, skipped frames
 assert counters["stats"]["unique_graphs"] > 0  # it did compile"""
+# A group that outlives main() keeps gloo's worker threads, and one that is still freeing a
+# collective's tensors when the interpreter shuts down aborts the process ("terminate called
+# without an active exception"). torch.distributed.nn.functional binds group.WORLD as default
+# arguments when imported: imported after init_process_group (DDP's constructor imports
+# torch._dynamo, which imports it), it holds the group for good. (FSDP2 is not checked: DTensor's
+# sharding caches keep its DeviceMesh, and with it the group, in torch 2.13.)
+GROUP_DESTROYED = """import gc
+gc.collect()
+tasks = os.listdir("/proc/self/task")
+assert not [t for t in tasks if open(f"/proc/self/task/{t}/comm").read().startswith("pt_gloo")]"""
 
 
 def run_probe(out_dir, *args, before="", after="", **kwargs):
@@ -116,7 +127,7 @@ def test_two_gloo_ranks_keep_identical_biases(tmp_path):
 def test_compiled_ddp_on_two_ranks_trains_and_keeps_identical_biases(tmp_path, text_file):
     res = run_probe(tmp_path, f"--data={text_file}", "--max_iters=4", "--eval_interval=4",
                     "--log_interval=2", "--balance=bias", "--compile=True", "--eval_sample=False",
-                    after=NO_GRAPH_BREAKS, torchrun=True)
+                    after=NO_GRAPH_BREAKS + "\n" + GROUP_DESTROYED, torchrun=True)
     assert "FutureWarning" not in res.stderr  # DDP's buffer switch under its current name
     rows = [json.loads(l) for l in open(tmp_path / "log.jsonl")]
     assert [r["iter"] for r in rows if "loss" in r] == [2, 4]
