@@ -142,7 +142,7 @@ def run(console, out, cmd):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 
-def run_to_its_end(cmd, out):
+def run_to_its_end(cmd, out, after_ctrl_c=""):
     """Run a train.py command. Ctrl-C reaches it too (same terminal) and train.py answers by
     finishing its step and saving a checkpoint, so wait for that instead of killing it."""
     stopped = []
@@ -152,7 +152,7 @@ def run_to_its_end(cmd, out):
     finally:
         signal.signal(signal.SIGINT, previous)
     if stopped:
-        sys.exit(f"stopped by Ctrl-C; {out}/ckpt.pt holds the run so far")
+        sys.exit(f"stopped by Ctrl-C; {out}/ckpt.pt holds the run so far{after_ctrl_c}")
     if failed:
         sys.exit(f"run {out} failed; its output is above")
 
@@ -381,11 +381,14 @@ def train_control(ckpt, out):
             settings["init_from"] = "resume"
     Console().rule(f"random-router control: {settings['max_iters']} steps of train.py into {out}")
     run_to_its_end([sys.executable, os.path.join(HERE, "train.py"),
-                    *(f"--{k}={v}" for k, v in settings.items())], out)
+                    *(f"--{k}={v}" for k, v in settings.items())], out,
+                   "; the same command resumes it")
     return path
 
 
 def experts_study(ckpt_path, control, out_dir, max_bytes, shuffles=3):
+    """The expert atlas of a checkpoint, against its random-router control (trained unless
+    given) and a floor of shuffled classes; max_bytes > 0 takes only the first val bytes."""
     console = Console()
     model, ckpt = load_model(ckpt_path)
     if model.cfg.vocab_size != 256 or not any(isinstance(m, MoE) for m in model.modules()):
@@ -401,27 +404,25 @@ def experts_study(ckpt_path, control, out_dir, max_bytes, shuffles=3):
                          enabled=(auto_dtype(dev)[0] if dtype == "auto" else dtype) == "bfloat16")
     files = stdlib_files()["val"]  # the val split of data="stdlib", file by file
     with Progress(*Progress.get_default_columns(), console=console) as progress:
-        labels = []
+        stream, labels = torch.frombuffer(bytearray(b"\n".join(files)), dtype=torch.uint8), []
+        n = min(max_bytes or len(stream), len(stream))
         for f in progress.track(files, description="classifying val bytes (tokenize)"):
-            labels += byte_classes(f) + [-1]  # -1: the b"\n" data.py joins files with
-        stream = torch.frombuffer(bytearray(b"\n".join(files)), dtype=torch.uint8)
-        labels = torch.tensor(labels[:len(stream)], dtype=torch.int8)
-        if max_bytes:
-            stream, labels = stream[:max_bytes], labels[:max_bytes]
+            if len(labels) < n:
+                labels += byte_classes(f) + [-1]  # -1: the b"\n" data.py joins files with
+        stream, labels = stream[:n], torch.tensor(labels[:n], dtype=torch.int8)
         routed = {name: route_bytes(m, stream, ctx, ckpt["config"]["compile"], progress, name)
                   for name, m in models.items()}                # name: (picks, top, val loss)
-    E = model.cfg.moe.n_routed_experts
-    counts = torch.bincount(labels[labels >= 0].long(), minlength=len(CLASSES))
+    E, known = model.cfg.moe.n_routed_experts, labels >= 0
+    counts = torch.bincount(labels[known].long(), minlength=len(CLASSES))
     gen, layers = torch.Generator().manual_seed(0), []
-    for i in range(len(routed["learned"][0])):
+    for i in range(len(routed["learned"][0])):  # MoE layer i
         joint = {n: class_expert_counts(labels, r[0][i], E) for n, r in routed.items()}
-        kept = labels[labels >= 0]
-        floor = fmean(mutual_information(class_expert_counts(
-            kept[torch.randperm(len(kept), generator=gen)], routed["learned"][0][i][labels >= 0],
-            E)) for _ in range(shuffles))
+        shuffled = [class_expert_counts(labels[known][torch.randperm(int(known.sum()), generator=gen)],
+                                        routed["learned"][0][i][known], E) for _ in range(shuffles)]
         layers.append({"moe_layer": i, "mi_learned": mutual_information(joint["learned"]),
                        "mi_random_router": mutual_information(joint["random router"]),
-                       "mi_shuffled": floor, "heatmap": lift(joint["learned"]).tolist(),
+                       "mi_shuffled": fmean(map(mutual_information, shuffled)),
+                       "heatmap": lift(joint["learned"]).tolist(),
                        "heatmap_random_router": lift(joint["random router"]).tolist()})
     p = counts.double() / counts.sum()
     record = {"checkpoint": ckpt_path, "control": control, "val_bytes": len(stream),
