@@ -208,14 +208,16 @@ def save_atlas(console, record, pictures, out_dir):
     """study.py --study=experts: print the mutual information table and the pictures; write
     experts.json (record), experts.md (the tables) and experts.svg (the pictures)."""
     cols = ["MoE layer", "learned router", "random router", "shuffled classes"]
-    rows = [[str(l["moe_layer"]), *(f"{l[k]:.4f}" for k in ("mi_learned", "mi_random_router",
-                                                               "mi_shuffled"))]
-            for l in record["layers"]]
+    def mi(l, key):  # the whole val text, then (its first half, its second half)
+        return f"{l[key]:.4f} ({l[key + '_halves'][0]:.4f}, {l[key + '_halves'][1]:.4f})"
+    rows = [[str(l["moe_layer"]), mi(l, "mi_learned"), mi(l, "mi_random_router"),
+             f"{l['mi_shuffled']:.4f}"] for l in record["layers"]]
     loss = record["val_loss"]
     notes = [f"{record['classified_bytes']:,} of {record['val_bytes']:,} val bytes classified; "
              f"H(class) = {record['class_entropy_bits']:.3f} bits. Val loss on these bytes (nats "
              f"per byte): learned {loss['learned']:.4f}, random router {loss['random router']:.4f}"]
-    table = Table(title="I(class; expert) in bits: a byte's class against one of its K experts")
+    table = Table(title="I(class; expert) in bits: a byte's class against one of its K experts "
+                        "(in brackets: on each half of the val bytes)")
     for c in cols:
         table.add_column(c, justify="right")
     for row in rows:

@@ -415,13 +415,18 @@ def experts_study(ckpt_path, control, out_dir, max_bytes, shuffles=3):
     E, known = model.cfg.moe.n_routed_experts, labels >= 0
     counts = torch.bincount(labels[known].long(), minlength=len(CLASSES))
     gen, layers = torch.Generator().manual_seed(0), []
+    halves = (slice(0, len(stream) // 2), slice(len(stream) // 2, None))  # how much text moves it
     for i in range(len(routed["learned"][0])):  # MoE layer i
         joint = {n: class_expert_counts(labels, r[0][i], E) for n, r in routed.items()}
+        half = {n: [mutual_information(class_expert_counts(labels[h], r[0][i][h], E))
+                    for h in halves] for n, r in routed.items()}
         shuffled = [class_expert_counts(labels[known][torch.randperm(int(known.sum()), generator=gen)],
                                         routed["learned"][0][i][known], E) for _ in range(shuffles)]
         layers.append({"moe_layer": i, "mi_learned": mutual_information(joint["learned"]),
                        "mi_random_router": mutual_information(joint["random router"]),
                        "mi_shuffled": fmean(map(mutual_information, shuffled)),
+                       "mi_learned_halves": half["learned"],
+                       "mi_random_router_halves": half["random router"],
                        "heatmap": lift(joint["learned"]).tolist(),
                        "heatmap_random_router": lift(joint["random router"]).tolist()})
     p = counts.double() / counts.sum()

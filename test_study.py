@@ -262,6 +262,7 @@ def test_expert_atlas_runs_on_a_tiny_checkpoint_with_its_frozen_router_control(t
     (layer,) = record["layers"]  # the tiny preset: one MoE layer of 8 experts
     for key in ("mi_learned", "mi_random_router", "mi_shuffled"):
         assert 0 <= layer[key] <= record["class_entropy_bits"]
+    assert len(layer["mi_learned_halves"]) == len(layer["mi_random_router_halves"]) == 2
     assert torch.tensor(layer["heatmap"]).shape == (len(CLASSES), 8)
     assert "| MoE layer |" in (tmp_path / "atlas" / "experts.md").read_text()
     ET.parse(tmp_path / "atlas" / "experts.svg")
