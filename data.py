@@ -36,12 +36,10 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def stdlib_tokens(cache_dir):
-    """Python's own standard library sources as bytes, split into train/val by file."""
+def stdlib_files():
+    """Python's own standard library sources, one bytes object per file, split into train/val
+    by file. study.py's expert atlas reads the val files one by one."""
     root = sysconfig.get_paths()["stdlib"]
-    cache = os.path.join(cache_dir, f"stdlib-{sys.version_info[0]}.{sys.version_info[1]}.pt")
-    if os.path.exists(cache):
-        return {k: [v] for k, v in torch.load(cache, weights_only=True).items()}
     parts = {"train": [], "val": []}
     for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
         rel = os.path.relpath(path, root)
@@ -51,6 +49,15 @@ def stdlib_tokens(cache_dir):
             parts["val" if zlib.crc32(rel.encode()) % 20 == 0 else "train"].append(f.read())
     if not parts["train"]:
         sys.exit(f"no .py files found under {root}; use --data=PATH")
+    return parts
+
+
+def stdlib_tokens(cache_dir):
+    """Python's own standard library sources as bytes, split into train/val by file."""
+    cache = os.path.join(cache_dir, f"stdlib-{sys.version_info[0]}.{sys.version_info[1]}.pt")
+    if os.path.exists(cache):
+        return {k: [v] for k, v in torch.load(cache, weights_only=True).items()}
+    parts = stdlib_files()
     splits = {k: torch.frombuffer(bytearray(b"\n".join(v)), dtype=torch.uint8)
               for k, v in parts.items()}
     os.makedirs(cache_dir, exist_ok=True)

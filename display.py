@@ -6,8 +6,10 @@ hand-written SVG line plots, and the files they save. No training or measuring h
     Console().print(hm := heatmap(loads, "expert load / mean"))   # loads (n_layers, E)
     save_svg([hm], "heatmap.svg", "expert load")
 """
+import colorsys
 import io
 import json
+import math
 import os
 
 import torch
@@ -19,18 +21,55 @@ from rich.text import Text
 from moe import max_vio
 
 
+def blue_white_red(t):
+    """A colour for t in [-1, 1]: blue below 0, white at 0, red above."""
+    t = min(max(t, -1.0), 1.0)
+    r, g, b = (255, 255 * (1 - t), 255 * (1 - t)) if t > 0 else (255 * (1 + t), 255 * (1 + t), 255)
+    return f"rgb({int(r)},{int(g)},{int(b)})"
+
+
 def heatmap(loads, title):
     """Rows MoE layers, columns experts; colour = load / mean load (blue low, red high)."""
     table = Table(title=title, show_header=False, box=None, padding=(0, 0))
     for i, row in enumerate(loads / loads.mean(-1, keepdim=True).clamp_min(1e-9)):
         text = Text(f"MoE {i:>2} ")
         for r in row.tolist():
-            t = min(max(r - 1, -1), 1)  # -1 .. 1 around the mean
-            rgb = (255, int(255 * (1 - t)), int(255 * (1 - t))) if t > 0 else \
-                  (int(255 * (1 + t)), int(255 * (1 + t)), 255)
-            text.append("██", style=f"rgb({rgb[0]},{rgb[1]},{rgb[2]})")
+            text.append("██", style=blue_white_red(r - 1))
         table.add_row(text.append(f"  max/mean {row.max():.2f}  min/mean {row.min():.2f}"))
     return table
+
+
+def class_heatmap(lift, classes, title):
+    """Rows classes, columns experts: p(expert | class) / p(expert), the number on a colour
+    from blue (the class avoids the expert) through white (1: no preference) to red, log
+    scale, full colour at 1/4 and 4."""
+    table = Table(title=title, box=None, padding=(0, 0))
+    table.add_column("expert", justify="left")
+    for e in range(lift.shape[1]):
+        table.add_column(f"{e:>5}", justify="right")
+    for name, row in zip(classes, lift.tolist()):
+        table.add_row(name + " ", *(Text(f"{v:5.1f}", style="black on " + blue_white_red(
+            math.log2(max(v, 1e-9)) / 2)) for v in row))
+    return table
+
+
+def expert_colour(e, n):
+    """One colour per expert: hues around the wheel, alternately light and dark."""
+    r, g, b = colorsys.hsv_to_rgb(e / n, 0.6, 1.0 if e % 2 else 0.75)
+    return f"#{int(255 * r):02x}{int(255 * g):02x}{int(255 * b):02x}"
+
+
+def routed_snippet(source, top, n_experts, title):
+    """ASCII source with each byte on the colour of its expert in top (one per byte); a
+    newline shows as a coloured '⏎'. A legend of the experts follows."""
+    text = Text(title + "\n")
+    for ch, e in zip(source.decode("ascii"), top.tolist()):
+        text.append("⏎" if ch == "\n" else ch, style="black on " + expert_colour(e, n_experts))
+        text.append("\n" if ch == "\n" else "")
+    text.append("experts: ")
+    for e in range(n_experts):
+        text.append(f" {e} ", style="black on " + expert_colour(e, n_experts))
+    return text
 
 
 def save_svg(renderables, path, title):
@@ -103,6 +142,19 @@ def bench_table(rows, profiles, console):
         console.print(table)
 
 
+def switch_table(routings):
+    """study.py --study=switch: the balance loss of each routing with its f_i and P_i."""
+    table = Table(title="balance loss (alpha = 1) of two routings that both follow the router: "
+                        "E = 4, K = 2, one sequence of 4 tokens")
+    for col in ("routing", "picks per token", "f_i", "P_i", "sum_i f_i P_i (moe.py)"):
+        table.add_column(col)
+    for name, r in routings.items():
+        table.add_row(name, " ".join(f"{a}{b}" for a, b in r["picks"]),
+                      " ".join(f"{v:.3f}" for v in r["f"]), " ".join(f"{v:.3f}" for v in r["P"]),
+                      f"{r['loss']:.4f}")
+    return table
+
+
 def save_table(console, table, cols, rows, notes, out_dir, record):
     """Print a study's table and notes; write them to study.md and record to study.json."""
     for c in cols:
@@ -150,3 +202,42 @@ def plot_svg(lines, path, title, xlabel, W=640, H=400):
                 f'<text x="{W - right + 36}" y="{y + 4}">{label}</text>']
     with open(path, "w") as f:
         f.write("\n".join(svg + ["</svg>\n"]))
+
+
+def save_atlas(console, record, pictures, out_dir):
+    """study.py --study=experts: print the mutual information table and the pictures; write
+    experts.json (record), experts.md (the tables) and experts.svg (the pictures)."""
+    cols = ["MoE layer", "learned router", "random router", "shuffled classes"]
+    def mi(l, key):  # the whole val text, then (its first half, its second half)
+        return f"{l[key]:.4f} ({l[key + '_halves'][0]:.4f}, {l[key + '_halves'][1]:.4f})"
+    rows = [[str(l["moe_layer"]), mi(l, "mi_learned"), mi(l, "mi_random_router"),
+             f"{l['mi_shuffled']:.4f}"] for l in record["layers"]]
+    loss = record["val_loss"]
+    notes = [f"{record['classified_bytes']:,} of {record['val_bytes']:,} val bytes classified; "
+             f"H(class) = {record['class_entropy_bits']:.3f} bits. Val loss on these bytes (nats "
+             f"per byte): learned {loss['learned']:.4f}, random router {loss['random router']:.4f}"]
+    table = Table(title="I(class; expert) in bits: a byte's class against one of its K experts "
+                        "(in brackets: on each half of the val bytes)")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    for p in [table, *notes, *pictures]:
+        console.print(p)
+    with open(os.path.join(out_dir, "experts.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    E = len(record["layers"][0]["heatmap"][0])
+    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+          *("| " + " | ".join(r) + " |" for r in rows), "", *notes, ""]
+    for l in record["layers"]:
+        for key, router in (("heatmap", "learned"), ("heatmap_random_router", "random")):
+            md += [f"MoE {l['moe_layer']}, {router} router: p(expert | class) / p(expert)", "",
+                   "| class | bytes | " + " | ".join(map(str, range(E))) + " |",
+                   "|---|---|" + "---:|" * E]
+            md += [f"| {c} | {n:,} | " + " | ".join(f"{v:.2f}" for v in row) + " |"
+                   for c, n, row in zip(record["classes"], record["class_bytes"], l[key])]
+            md.append("")
+    with open(os.path.join(out_dir, "experts.md"), "w") as f:
+        f.write("\n".join(md))
+    save_svg([table, *pictures], os.path.join(out_dir, "experts.svg"), "expert atlas")
+    console.print(f"saved {out_dir}/experts.json, experts.md, experts.svg")

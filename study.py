@@ -1,16 +1,25 @@
 """
-Two studies; each arm is a train.py run with the same data, seed, steps and settings except
-what the arm is about, and one table compares them. Two more on routing traffic.
+The project's studies. In the training ones each arm is a train.py run with the same data, seed,
+steps and settings except what the arm is about, and one table compares them.
 
     python study.py                       # does aux-loss-free balancing work? ~15 min, 2 cores
     python study.py --study=arch          # does the MoE pay? DeepSeekMoE vs dense, ~20 min
     python study.py --scale=gpu           # either study at GPU size
     python study.py --study=groups        # why node-limited routing exists, on out/ckpt.pt
+    python study.py --study=switch        # is the Switch balance loss minimised by uniform routing?
+    python study.py --study=experts       # what the experts of out/ckpt.pt learned, ~15 min (atlas.py)
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=4 study.py --study=traffic
-    python study.py --arms=none,bias --max_iters=100   # any train.py setting passes through
+    python study.py --arms=none,aux@0.01,bias --max_iters=100   # any train.py setting passes through
 
 balance (default): train.py's --balance arms; val loss, MaxVio_global and _batch against the
 noise floor of random routing, dead experts, tokens/s; expert loads in study_heatmaps.svg.
+An arm "aux@0.01" is the aux arm with seq_aux_alpha=0.01.
+switch: the balance loss of a routing that follows the router, below uniform routing's; then
+the balance study's arms none, aux at three alphas, and bias, with the balance loss over uniform's.
+experts: every byte of the stdlib val split classified by Python's tokenize (names, keywords, ...);
+per MoE layer a class x expert heatmap and I(class; expert) in bits, against two controls: the
+checkpoint's settings trained with the router frozen at its random init (trained here unless
+--control gives one) and shuffled classes; a snippet coloured by each byte's top expert.
 arch: DeepSeekMoE's arms at equal expert parameters and a dense model at equal active ones
 (arch_configs), --seeds seeds each: val loss at equal tokens, tokens/s (median step, compiled,
 train.py's dtype), training seconds to reach the dense run's final val loss, MaxVio_global, the
@@ -23,12 +32,16 @@ as 4 and as 2 emulated nodes, with the router's group limit and without; then De
 copies per token on paper (docs/ep.md).
 
 Runs go to out_dir/<arm>/ (arch: out_dir/<arm>/seed<N>/), the table to study.json and study.md.
+
+Runs go to out_dir/<arm>/ (arch: out_dir/<arm>/seed<N>/), the table to study.json and study.md
+(experts: out_dir/random_router/, experts.json, experts.md, experts.svg).
 Arch runs are `python study.py --train --preset=cpu:fine ...`: train.py with the arch shapes
 added to model.presets as "<base>:<arm>"; every train.py setting works (--sample, resume, ...).
 """
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +58,7 @@ from rich.table import Table
 
 import train
 from data import get_batch, load_data
-from display import heatmap, plot_svg, save_svg, save_table
+from display import heatmap, plot_svg, save_svg, save_table, switch_table
 from model import GPT, GPTConfig, presets
 from ep import combine, dispatch
 from moe import Gate, MoE, MoEConfig, max_vio
@@ -85,7 +98,7 @@ def arch_configs(base: GPTConfig, m: int = 4, n_large: int = 8) -> dict[str, GPT
       dense_wide   every block dense, as wide as the MoE's total parameters (the upper bound)
     Routing is plain top-k over all experts (one group): 31 routed experts fit no group
     structure of 32, and node-limited routing is a cluster constraint that came after DSM."""
-    D, H = base.n_embd, 2 * base.n_embd
+    H = 2 * base.n_embd
     moe = replace(base.moe, n_expert_groups=1, n_limited_groups=1)
     def arm(inter_dim=2 * H, n_dense_layers=base.n_dense_layers, **routing):
         return replace(base, inter_dim=inter_dim, n_dense_layers=n_dense_layers,
@@ -127,9 +140,34 @@ def run(console, out, cmd):
     console.rule(f"[bold]{out}[/]: {' '.join(cmd[1:])}")
     if os.path.exists(os.path.join(out, "log.jsonl")):
         os.remove(os.path.join(out, "log.jsonl"))  # a fresh run, a fresh log
-    if subprocess.run([sys.executable, *cmd]).returncode:
-        sys.exit(f"run {out} failed; its output is above")
+    run_to_its_end([sys.executable, *cmd], out)
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+
+
+def run_to_its_end(cmd, out, after_ctrl_c=""):
+    """Run a train.py command. Ctrl-C reaches it too (same terminal) and train.py answers by
+    finishing its step and saving a checkpoint, so wait for that instead of killing it."""
+    stopped = []
+    previous = signal.signal(signal.SIGINT, lambda *_: stopped.append(True))
+    try:
+        failed = subprocess.run(cmd).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stopped:
+        sys.exit(f"stopped by Ctrl-C; {out}/ckpt.pt holds the run so far{after_ctrl_c}")
+    if failed:
+        sys.exit(f"run {out} failed; its output is above")
+
+
+def load_model(path):
+    """The model of a train.py checkpoint, in eval mode, and the checkpoint."""
+    if not os.path.exists(path):
+        sys.exit(f"no checkpoint at {path}: run `python train.py` first, or pass --ckpt")
+    ckpt = train.load_checkpoint(path)  # tensors and plain values only, or one clear line
+    cfg = GPTConfig(**{**ckpt["model_cfg"], "moe": MoEConfig(**ckpt["model_cfg"]["moe"])})
+    model = GPT(cfg)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
 
 
 @torch.no_grad()
@@ -138,16 +176,12 @@ def groups_study(ckpt_path, batches=20, batch_size=8):
     (in V3, nodes) one token's K experts fall into, with the router's limit and for the same
     router (weights and bias) without it. Every group a token reaches is one more copy of the
     token in the all-to-all dispatch, so this count is the dispatch traffic per token."""
-    if not os.path.exists(ckpt_path):
-        sys.exit(f"no checkpoint at {ckpt_path}: run `python train.py` first, or pass --ckpt")
-    ckpt = train.load_checkpoint(ckpt_path)  # tensors and plain values only, or one clear line
-    cfg = GPTConfig(**{**ckpt["model_cfg"], "moe": MoEConfig(**ckpt["model_cfg"]["moe"])})
+    model, ckpt = load_model(ckpt_path)
+    cfg = model.cfg
     E, G, M = cfg.moe.n_routed_experts, cfg.moe.n_expert_groups, cfg.moe.n_limited_groups
     if M == G:
         sys.exit(f"{ckpt_path}: n_limited_groups={M} of n_expert_groups={G}: no group limit")
-    model = GPT(cfg)
-    model.load_state_dict(ckpt["model"])
-    gates = [m.gate for m in model.eval().modules() if isinstance(m, MoE)]
+    gates = [m.gate for m in model.modules() if isinstance(m, MoE)]
     inputs = {g: [] for g in gates}  # every gate's input tokens
     hooks = [g.register_forward_pre_hook(lambda g, args: inputs[g].append(args[0])) for g in gates]
     settings = ckpt["config"]
@@ -264,28 +298,73 @@ def traffic_study():
     dist.destroy_process_group()
 
 
+# ---------------------------------------------------------------------------------------------
+# The Switch-loss question: is sum_i f_i P_i smallest when routing is uniform?
+
+def switch_counterexample(d=0.1, c=4.0):
+    """A routing that follows the router (each token goes to its own top-K) whose balance loss
+    [V3 eq. 17-20], computed by moe.py's own layer, is below perfectly uniform routing's.
+    E = 4 experts, K = 2, alpha = 1, sequences of 4 tokens of two kinds:
+      a near tie: logits (d, d, 0, 0), picks experts 0 and 1, but spreads its P over all four
+      a sure one: logits (-c, -c, c, c), picks experts 2 and 3 and puts its P there
+    "skewed" (3 near ties, 1 sure token) loads experts 0 and 1 three times as much as 2 and 3,
+    "uniform" (2 and 2) loads every expert alike and so scores exactly 1. Skewed scores less:
+    its busy experts hold little P. As d -> 0 and c -> inf it tends to 7/8.
+    Returns {routing: {"picks", "f", "P", "loss"}}; f and P recomputed here, for the table."""
+    layer = MoE(MoEConfig(dim=8, moe_inter_dim=8, n_routed_experts=4, n_activated_experts=2,
+                          n_shared_experts=0, seq_aux_alpha=1.0)).train()
+    with torch.no_grad():
+        layer.gate.weight.zero_()
+        layer.gate.weight[:, 0] = torch.tensor([d, d, 0.0, 0.0])   # input e_0: a near tie
+        layer.gate.weight[:, 1] = torch.tensor([-c, -c, c, c])     # input e_1: a sure token
+    tie, sure = torch.eye(8)[0], torch.eye(8)[1]
+    out = {}
+    for name, tokens in (("skewed", [tie, tie, tie, sure]), ("uniform", [tie, tie, sure, sure])):
+        x = torch.stack(tokens)                                              # (T=4, D)
+        _, picks, scores = layer.gate(x)                                     # (T, K) (T, E)
+        counts = torch.bincount(picks.flatten(), minlength=4)
+        out[name] = {"picks": picks.sort(-1).values.tolist(),
+                     "f": (counts * 4 / (2 * len(x))).tolist(),              # E / (K T) * count
+                     "P": (scores / scores.sum(-1, keepdim=True)).mean(0).tolist(),
+                     "loss": layer(x[None])[1].item()}                       # moe.py's loss
+    return out
+
+
+SWITCH_ARMS = ["none", "aux", "aux@0.01", "aux@0.1", "bias"]  # the balance loss at 3 alphas
+
+
 def main():
     args = dict(study="balance", scale="cpu", arms="", out_dir="", seed=1337, seeds=3,
-                ckpt="out/ckpt.pt")
+                ckpt="out/ckpt.pt", control="", max_bytes=0)
     given = [a for a in sys.argv[1:] if a.split("=")[0].removeprefix("--") in args]
     args.update(parse_overrides(given, args))
     passthrough = [a for a in sys.argv[1:] if a not in given]
+    if args["study"] in ("groups", "experts") and passthrough:
+        sys.exit(f"unknown setting(s) {passthrough} for --study={args['study']}")
     if args["study"] == "groups":
         return groups_study(args["ckpt"])
     if args["study"] == "traffic":
         return traffic_study()
-    if args["study"] not in scales:
-        sys.exit(f"--study={args['study']!r}: expected one of {', '.join(scales)}")
-    study = args["study"]
+    if args["study"] == "experts":
+        from atlas import experts_study  # atlas.py imports this file's helpers
+        return experts_study(args["ckpt"], args["control"], args["out_dir"] or "out/experts",
+                             args["max_bytes"])
+    study = "balance" if args["study"] == "switch" else args["study"]
+    if study not in scales:
+        sys.exit(f"--study={study!r}: expected one of "
+                 f"{', '.join([*scales, 'switch', 'groups', 'traffic', 'experts'])}")
     known = arms if study == "balance" else arch_configs(presets["tiny"])
     if args["scale"] not in scales[study]:
         sys.exit(f"--scale={args['scale']!r}: expected one of {', '.join(scales[study])}")
-    chosen = (args["arms"] or ",".join(a for a in known if a != "dense_wide")).split(",")
-    if unknown := [a for a in chosen if a not in known]:
+    default = SWITCH_ARMS if args["study"] == "switch" else [a for a in known if a != "dense_wide"]
+    chosen = args["arms"].split(",") if args["arms"] else default
+    if unknown := [a for a in chosen if a.partition("@")[0] not in known]:
         sys.exit(f"unknown arm(s) {unknown}; expected some of {', '.join(known)}")
     settings = {**scales[study][args["scale"]], "seed": args["seed"]}
     settings.update(parse_overrides(passthrough, {**default_settings(), **settings}))
-    out_dir = args["out_dir"] or os.path.join("out", "study" if study == "balance" else "arch")
+    out_dir = args["out_dir"] or os.path.join("out", {"balance": "study"}.get(args["study"], args["study"]))
+    if args["study"] == "switch":
+        Console().print(switch_table(switch_counterexample()))
     if study == "balance":
         balance_study(chosen, settings, out_dir)
     else:
@@ -296,11 +375,13 @@ def balance_study(chosen, settings, out_dir):
     console = Console()
     flags = [f"--{k}={v}" for k, v in settings.items()]
     results = []
-    for arm in chosen:
-        out = os.path.join(out_dir, arm)
-        rows = run(console, out, [os.path.join(HERE, "train.py"), f"--balance={arm}",
-                                  f"--out_dir={out}", *flags])
-        results.append(summarise_balance(arm, rows, settings))
+    for arm in chosen:  # "aux@0.01": the aux arm with seq_aux_alpha=0.01
+        (base, _, alpha), out = arm.partition("@"), os.path.join(out_dir, arm)
+        rows = run(console, out, [os.path.join(HERE, "train.py"), f"--balance={base}",
+                                  f"--out_dir={out}", *flags,
+                                  *([f"--seq_aux_alpha={alpha}"] if alpha else [])])
+        alpha = float(alpha or settings.get("seq_aux_alpha", arms[base][1]))
+        results.append(summarise_balance(arm, rows, settings, alpha))
 
     cfg = presets[settings["preset"]].moe
     tokens = tokens_per_step(settings)
@@ -308,9 +389,10 @@ def balance_study(chosen, settings, out_dir):
     table = Table(title=f"balance study: {settings['preset']} preset, {settings['max_iters']} steps, "
                         f"{tokens} tokens/step, seed {settings['seed']}")
     cols = ["arm", "val loss", "MaxVio global", "MaxVio batch", "noise floor", "dead experts",
-            "tokens/s"]
+            "balance loss / uniform's", "tokens/s"]
     rows = [[r["arm"], f"{r['val_loss']:.4f}", f"{r['maxvio_global']:.3f}",
              f"{r['maxvio_batch']:.3f}", f"{floor:.3f}", str(r["dead_experts"]),
+             "-" if r["balance_loss_ratio"] is None else f"{r['balance_loss_ratio']:.3f}",
              f"{r['tokens_per_s']:,.0f}"] for r in results]
     for r in results:
         r["noise_floor"] = floor
@@ -328,13 +410,17 @@ def tokens_per_step(settings):
             (settings.get("block_size") or presets[settings["preset"]].block_size))
 
 
-def summarise_balance(arm, rows, settings):
-    """Final val loss and MaxVio_global; MaxVio_batch over the last fifth of training."""
+def summarise_balance(arm, rows, settings, alpha):
+    """Final val loss and MaxVio_global; MaxVio_batch over the last fifth of training, and the
+    balance loss there over uniform routing's (alpha per MoE layer; None without the loss)."""
     train_rows = [r for r in rows if "loss" in r]
     final = [r for r in rows if "val_loss" in r][-1]
     last = [r for r in train_rows if r["iter"] > 0.8 * settings["max_iters"]] or train_rows[-1:]
+    cfg = presets[settings["preset"]]
+    uniform = alpha * (cfg.n_layer - cfg.n_dense_layers)
     return {"arm": arm, "val_loss": final["val_loss"], "maxvio_global": final["maxvio_global"],
             "maxvio_batch": sum(r["maxvio_batch"] for r in last) / len(last),
+            "balance_loss_ratio": fmean(r["aux_loss"] for r in last) / uniform if alpha else None,
             "dead_experts": sum(v == 0 for layer in final["loads"] for v in layer),
             "tokens_per_s": median(r["tokens_per_s"] for r in train_rows), "loads": final["loads"]}
 

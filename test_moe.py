@@ -570,6 +570,33 @@ def test_balance_loss_is_zero_in_eval_and_when_alpha_is_zero(mode):
     assert moe(torch.randn(2, 5, D))[1].item() == 0.0
 
 
+def test_balance_loss_of_a_skewed_routing_that_follows_the_router_is_below_uniform_routings():
+    """The Switch-loss question [SW 2.2]: sum_i f_i P_i is not smallest at uniform routing.
+    study.py's routing (E=4, K=2, alpha=1; near-tie tokens with logits (d, d, 0, 0), sure ones
+    with (-c, -c, c, c)) through the layer, against eq. 17-20 and top-K written out here."""
+    from study import switch_counterexample
+
+    def reference(logits):  # one sequence: each token's top-2 picks, then sum_i f_i P_i
+        s = [[1 / (1 + math.exp(-z)) for z in token] for token in logits]
+        T, E, K = len(s), 4, 2
+        picks = [sorted(sorted(range(E), key=lambda i: -st[i])[:K]) for st in s]
+        f = [E / (K * T) * sum(i in p for p in picks) for i in range(E)]
+        P = [sum(st[i] / sum(st) for st in s) / T for i in range(E)]
+        return picks, sum(fi * Pi for fi, Pi in zip(f, P))
+
+    d, c = 0.1, 4.0
+    tie, sure = [d, d, 0, 0], [-c, -c, c, c]
+    got = switch_counterexample(d, c)
+    for name, logits in (("skewed", [tie, tie, tie, sure]), ("uniform", [tie, tie, sure, sure])):
+        picks, loss = reference(logits)
+        assert got[name]["picks"] == picks, name     # the layer routes each token to its top-2
+        assert got[name]["loss"] == pytest.approx(loss, rel=1e-6), name
+    assert got["uniform"]["loss"] == pytest.approx(1.0, rel=1e-6)  # every f_i = 1, sum P_i = 1
+    assert got["skewed"]["loss"] < 0.9                             # 0.8886 < 1
+    # closer ties and surer tokens: 1 - b + 2 b^2 with b = 1/4 of the tokens sure, = 7/8
+    assert switch_counterexample(1e-4, 30.0)["skewed"]["loss"] == pytest.approx(7 / 8, abs=1e-4)
+
+
 # ---------------------------------------------------------------------------------------
 # torch.compile: one static graph whatever the routing (each compile: ~10-40 s on 2 CPU cores)
 

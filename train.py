@@ -70,6 +70,7 @@ bias_update_speed = 1e-3     # gamma; set by the arm unless given
 seq_aux_alpha = 1e-4         # alpha; set by the arm unless given
 aux_scope = "sequence"       # "sequence" or "batch"; set by the arm unless given
 bias_freeze_frac = 0.0       # final fraction of iterations with gamma = 0 (V3: ~0.034)
+freeze_router = False        # router weights stay at their random init (the bias still balances)
 init_from = "scratch"        # "scratch" or "resume"
 compile = True
 fsdp = False                 # under torchrun: shard weights, gradients and AdamW state (FSDP2)
@@ -435,6 +436,10 @@ def run(config, ddp, rank, world, dev):
         sys.exit("--fsdp=True shards over ranks: start it with torchrun")
     mesh = init_device_mesh(dev.split(":")[0], (world,)) if fsdp else None  # explicit: gloo on CPU
     model = build_model(ckpt, dev, mesh)
+    if freeze_router:  # study.py --study=experts' control: routing by a fixed random projection
+        for m in model.modules():
+            if isinstance(m, MoE):
+                m.gate.weight.requires_grad_(False)
     if sample:
         print(sample_text(model, prompt, max_new_tokens, dev, ctx))
         return
