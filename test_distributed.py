@@ -108,6 +108,15 @@ def _ddp_worker(rank, world, port, result_dir):
     torch.distributed.destroy_process_group()
 
 
+def test_ranks_that_time_different_faster_dtypes_all_train_in_fp32(tmp_path, text_file):
+    """--dtype=auto times bf16 against fp32 matmuls on each rank, and ranks could disagree:
+    rank 0 finds bf16 faster, rank 1 fp32. One dtype for all, fp32, or their models diverge."""
+    res = run_probe(tmp_path, f"--data={text_file}", "--max_iters=1", "--eval_interval=1",
+                    "--eval_sample=False", torchrun=True, before="""train.cpu_flags = lambda: {"avx512_bf16"}
+train.cpu_matmul_tflops = lambda d: 2.0 if (d == torch.bfloat16) == (rank == 0) else 1.0""")
+    assert "float32 (some rank multiplies fp32 faster" in " ".join(res.stdout.split())
+
+
 def test_two_gloo_ranks_keep_identical_biases(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

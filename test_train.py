@@ -540,12 +540,22 @@ def test_missing_gpu_ends_with_one_line(tmp_path):
     assert "--device=cuda: no usable CUDA GPU here" in res.stderr
 
 
-@pytest.mark.parametrize("flags, expected", [({"avx2", "avx512f"}, "float32"),
-                                              ({"avx512f", "avx512_bf16"}, "bfloat16"),
-                                              ({"amx_bf16"}, "bfloat16"), (set(), "float32")])
-def test_auto_dtype_is_bf16_only_on_cpus_that_multiply_it_natively(monkeypatch, flags, expected):
+@pytest.mark.parametrize("flags, bf16_faster, expected", [
+    ({"avx2", "avx512f"}, True, "float32"), (set(), True, "float32"),  # bf16 emulated: never
+    ({"avx512f", "avx512_bf16"}, True, "bfloat16"), ({"amx_bf16"}, True, "bfloat16"),
+    ({"avx512f", "avx512_bf16"}, False, "float32")])  # instructions, yet fp32 faster (measured)
+def test_auto_dtype_on_a_cpu_is_bf16_only_where_it_multiplies_faster_than_fp32(
+        monkeypatch, flags, bf16_faster, expected):
     monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    speed = {torch.bfloat16: 2.0 if bf16_faster else 0.5, torch.float32: 1.0}
+    monkeypatch.setattr(train, "cpu_matmul_tflops", lambda dtype: speed[dtype])
     assert train.auto_dtype("cpu")[0] == expected
+
+
+def test_cpu_matmul_tflops_is_the_flops_of_a_square_matmul_over_its_best_time(monkeypatch):
+    clock = iter([0.0, 0.5, 1.0, 1.25, 2.0, 3.0])  # calls of 0.5, 0.25 and 1.0 s: best 0.25
+    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
+    assert train.cpu_matmul_tflops(torch.float32, n=8, reps=3) == 2 * 8 ** 3 / 0.25 / 1e12
 
 
 def test_startup_line_names_the_dtype_and_why(tmp_path, text_file):

@@ -157,18 +157,35 @@ def cpu_flags():
         return set()
 
 
+def cpu_matmul_tflops(dtype, n=512, reps=10):
+    """TFLOP/s of an n x n matmul in dtype on this CPU: the best of reps, after one warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12
+
+
 def auto_dtype(dev):
     """The autocast dtype for dtype="auto" on device dev, and the reason, for the start-up line.
-    bf16 where the hardware multiplies it natively (bench.py on 2 EPYC cores with AVX512-BF16:
-    the Moonlight/4 layer's compiled fwd+bwd 2.4-2.8x faster than fp32, the cpu preset's training
-    step the same speed); fp32 elsewhere, where emulated bf16 runs ~3x slower."""
+    On a CPU with bf16 instructions, whichever of bf16 and fp32 multiplies faster, timed now
+    (~50 ms): flags alone mislead. bench.py, 2 cores each: an EPYC with AVX512-BF16, bf16 peak
+    0.42 TFLOP/s against fp32's 0.18, the cpu preset's step at the same speed in both; a Xeon
+    with AVX512-BF16 but no AMX, bf16 0.14 against fp32 0.26, the step 2.3x faster in fp32."""
     if dev.startswith("cuda"):
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bfloat16", "this GPU has bf16 tensor cores"
         return "float32", "this GPU has no bf16 support"
-    if cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX512-BF16 / AMX, Arm BF16
-        return "bfloat16", "this CPU multiplies bf16 natively"
-    return "float32", "this CPU has no native bf16 matmul (bf16 would be emulated, ~3x slower)"
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX512-BF16 / AMX, Arm BF16
+        return "float32", "this CPU has no native bf16 matmul (bf16 would be emulated, ~3x slower)"
+    bf16, fp32 = cpu_matmul_tflops(torch.bfloat16), cpu_matmul_tflops(torch.float32)
+    speeds = f"{bf16:.2f} vs {fp32:.2f} TFLOP/s in bf16 vs fp32, timed now"
+    if bf16 > fp32:
+        return "bfloat16", f"this CPU multiplies bf16 faster ({speeds})"
+    return "float32", f"this CPU multiplies fp32 faster, bf16 instructions and all ({speeds})"
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -423,6 +440,11 @@ def run(config, ddp, rank, world, dev):
     master = rank == 0
     console = Console(quiet=not master)
     dtype_name, why = auto_dtype(dev) if dtype == "auto" else (dtype, "set by --dtype")
+    if ddp and dtype == "auto":  # each rank timed its own matmuls: bf16 only if all agree
+        vote = torch.tensor([float(dtype_name == "bfloat16")], device=dev)
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+        if dtype_name == "bfloat16" and not vote.item():
+            dtype_name, why = "float32", "some rank multiplies fp32 faster; all ranks use one dtype"
     ctx = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype_name == "bfloat16")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     os.makedirs(out_dir, exist_ok=True)
