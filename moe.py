@@ -40,10 +40,12 @@ Design notes, each choice with its reason:
 - Grouped GEMM ignores autocast (trap 11): the layer casts to the autocast dtype itself.
   torch's native grouped matmul is bf16-only under compile; `grouped_mm` is the one place
   that chooses: native where it works, else a small custom op with a per-expert loop.
-- Measured (bench.py, 2 CPU cores, Moonlight's layer at 1/4 width, 4k tokens, bf16): compiled
-  grouped forward+backward runs at 0.67-0.76 of the same matmuls done dense, 2.0-2.2x the eager
-  loop; grouped matmuls take 66% of its time, gather/scatter 5-9%. A fused inverse-permutation
-  combine, w1 and w3 in one matrix, and a gather+sum dispatch backward did not win.
+- Measured (bench.py, 2 CPU cores, Moonlight's layer at 1/4 width, 4k tokens): compiled
+  grouped forward+backward runs at 0.58-0.76 of the same matmuls done dense; grouped matmuls
+  take 66% of its time, gather/scatter 5-9%. On a CPU torch's grouped matmul is itself a loop
+  over experts, so the "loop" dispatch is as fast (docs/cpu-performance.md); the grouped one
+  is for compile and the GPU. A fused inverse-permutation combine, w1 and w3 in one matrix,
+  and a gather+sum dispatch backward did not win.
 - Dispatch "loop": the per-expert loop of the official inference code, the easiest thing to
   read; the oracle in the tests and the bench baseline.
 - Balance state lives in buffers (bias, tokens_per_expert); the update is an explicit call
