@@ -7,7 +7,7 @@ I(class; expert) in bits, against two controls measured the same way: the checkp
 trained again with the router frozen at its random init (the bias still balances), and the
 classes shuffled over the bytes. A snippet is shown with each byte on its top expert's colour.
 
-    python train.py && python study.py --study=experts     # out/ckpt.pt -> out/experts/, ~15 min
+    python train.py && python study.py --study=experts     # -> out/experts/, ~9 min on 2 cores
     python study.py --study=experts --ckpt=PATH --control=PATH --max_bytes=N --out_dir=DIR
 
 Writes experts.json, experts.md and experts.svg; the readings are in docs/experts.md.

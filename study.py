@@ -7,7 +7,7 @@ steps and settings except what the arm is about, and one table compares them.
     python study.py --scale=gpu           # either study at GPU size
     python study.py --study=groups        # why node-limited routing exists, on out/ckpt.pt
     python study.py --study=switch        # is the Switch balance loss minimised by uniform routing?
-    python study.py --study=experts       # what the experts of out/ckpt.pt learned, ~15 min (atlas.py)
+    python study.py --study=experts       # what the experts of out/ckpt.pt learned, ~9 min (atlas.py)
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=4 study.py --study=traffic
     python study.py --arms=none,aux@0.01,bias --max_iters=100   # any train.py setting passes through
 
