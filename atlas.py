@@ -221,7 +221,7 @@ def experts_study(ckpt_path, control, out_dir, max_bytes, shuffles=3):
               "class_bytes": counts.tolist(), "class_entropy_bits": -(p * p.log2()).nansum().item(),
               "val_loss": {n: r[2] for n, r in routed.items()}, "layers": layers,
               "snippet_layer": max(layers, key=lambda l: l["mi_learned"])["moe_layer"]}
-    layer, E = record["snippet_layer"], model.cfg.moe.n_routed_experts
+    layer = record["snippet_layer"]
     snippet = torch.frombuffer(bytearray(SNIPPET), dtype=torch.uint8)
     pictures = [routed_snippet(SNIPPET, route_bytes(m, snippet, ctx, False)[1][layer], E,
                                f"{name}, MoE {layer}: each byte on the colour of its top expert")

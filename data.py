@@ -38,7 +38,7 @@ def atomic_save(obj, path):
 
 def stdlib_files():
     """Python's own standard library sources, one bytes object per file, split into train/val
-    by file. study.py's expert atlas reads the val files one by one."""
+    by file. atlas.py reads the val files one by one."""
     root = sysconfig.get_paths()["stdlib"]
     parts = {"train": [], "val": []}
     for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):

@@ -354,16 +354,17 @@ class MoE(nn.Module):
         on the routing, so it compiles only with graph breaks (and recompiles)."""
         # unbound once: indexing w1[e] per expert would make each index's backward fill a
         # zero tensor the size of the whole stack, so fwd+bwd would cost E x the stack
-        w1, w3, w2 = (w.unbind(0) for w in self._expert_weights(_compute_dtype(x)))
+        dtype = _compute_dtype(x)
+        w1, w3, w2 = (w.unbind(0) for w in self._expert_weights(dtype))
         y = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         for e in range(self.cfg.n_routed_experts):
             token, slot = torch.where(indices == e)                           # who picked e
             if token.numel() == 0:
                 continue
-            xe = x[token].to(w1[e].dtype)
+            xe = x[token].to(dtype)
             out = F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
             y.index_add_(0, token, out * weights[token, slot, None])
-        return y.to(w1[0].dtype)
+        return y.to(dtype)
 
     def balance_loss(self, scores, counts):
         """Complementary sequence-wise balance loss [V3 eq. 17-20]. scores (B, L, E), counts (B, E)."""

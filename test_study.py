@@ -270,6 +270,7 @@ def test_expert_atlas_runs_on_a_tiny_checkpoint_with_its_frozen_router_control(t
     control = torch.load(tmp_path / "atlas" / "random_router" / "ckpt.pt", weights_only=True)
     learned = torch.load(tmp_path / "learned" / "ckpt.pt", weights_only=True)
     assert control["iter"] == 4 and control["config"]["freeze_router"]
+    assert control["config"]["dtype"] == learned["config"]["dtype"] != "auto"  # what ran
     torch.manual_seed(learned["config"]["seed"])  # train.py's init of the same settings
     init = GPT(presets["tiny"]).state_dict()
     gate = "layers.1.ffn.gate."

@@ -445,6 +445,7 @@ def run(config, ddp, rank, world, dev):
         dist.all_reduce(vote, op=dist.ReduceOp.MIN)
         if dtype_name == "bfloat16" and not vote.item():
             dtype_name, why = "float32", "some rank multiplies fp32 faster; all ranks use one dtype"
+    config = {**config, "dtype": dtype_name}  # what ran: "auto" depends on a timing
     ctx = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype_name == "bfloat16")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     os.makedirs(out_dir, exist_ok=True)
