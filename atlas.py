@@ -30,6 +30,7 @@ from data import stdlib_files
 from display import class_heatmap, routed_snippet, save_atlas
 from moe import MoE
 from study import HERE, load_model, run_to_its_end
+from startup import stamp
 from train import auto_dtype, default_settings
 
 
@@ -147,48 +148,58 @@ def route_bytes(model, stream, ctx, compiled, progress=None, what="", batch_size
     return torch.cat(all_picks, 1)[:, :N], torch.cat(all_top, 1)[:, :N], loss / n
 
 
-def train_control(ckpt, out):
-    """The random-router control: train.py with the checkpoint's own settings and steps, the
-    router's weights frozen at their random init (the bias still balances). A finished control
-    of the same settings in out is reused; one stopped by Ctrl-C resumes."""
+def train_like(ckpt, out, what, **changes):
+    """train.py with the checkpoint's own settings and steps, but for changes (a seed, the
+    router frozen at its random init). A finished run of the same settings in out is reused;
+    one stopped by Ctrl-C resumes."""
     config = ckpt["config"]
     settings = {**default_settings(), **{k: v for k, v in config.items() if k in default_settings()},
                 "max_iters": ckpt["iter"], "lr_decay_iters": config["lr_decay_iters"] or
-                config["max_iters"], "out_dir": out, "freeze_router": True, "sample": False,
-                "eval_sample": False, "heatmap_svg": False, "init_from": "scratch"}
+                config["max_iters"], "out_dir": out, "sample": False, "eval_sample": False,
+                "heatmap_svg": False, "init_from": "scratch", **changes}
     path = os.path.join(out, "ckpt.pt")
     if os.path.exists(path):
         done = train.load_checkpoint(path)
         if {**done["config"], "init_from": "scratch"} == settings:
             if done["iter"] >= settings["max_iters"]:
-                Console().print(f"random-router control: {path} has these settings and steps; "
-                                "reusing it")
+                Console().print(f"{what}: {path} has these settings and steps; reusing it")
                 return path
             settings["init_from"] = "resume"
-    Console().rule(f"random-router control: {settings['max_iters']} steps of train.py into {out}")
+    Console().rule(f"{what}: {settings['max_iters']} steps of train.py into {out}")
     run_to_its_end([sys.executable, os.path.join(HERE, "train.py"),
                     *(f"--{k}={v}" for k, v in settings.items())], out,
                    "; the same command resumes it")
     return path
 
 
-def experts_study(ckpt_path, control, out_dir, max_bytes, shuffles=3):
+def experts_study(ckpt_path, control, out_dir, max_bytes, n_seeds=1, shuffles=3):
     """The expert atlas of a checkpoint, against its random-router control (trained unless
-    given) and a floor of shuffled classes; max_bytes > 0 takes only the first val bytes."""
+    given) and a floor of shuffled classes; max_bytes > 0 takes only the first val bytes.
+    With n_seeds > 1, the checkpoint's settings are trained again with the next seeds, each
+    with its own random-router control, and the mutual information is given over the seeds."""
     console = Console()
     model, ckpt = load_model(ckpt_path)
     if model.cfg.vocab_size != 256 or not any(isinstance(m, MoE) for m in model.modules()):
         sys.exit(f"{ckpt_path}: the atlas needs a byte-level model (vocab_size=256) with MoE layers")
     os.makedirs(out_dir, exist_ok=True)
-    console.print(f"expert atlas of {ckpt_path}: the random-router control is trained first "
-                  "unless given (train.py shows its ETA), then the val bytes are classified and "
-                  "routed through both models (ETA shown)")
-    control = control or train_control(ckpt, os.path.join(out_dir, "random_router"))
+    console.print(f"expert atlas of {ckpt_path}: the random-router control{'s' * (n_seeds > 1)} "
+                  f"{'and the other seeds are' if n_seeds > 1 else 'is'} trained first unless "
+                  "given (train.py shows its ETA), then the val bytes are classified and routed "
+                  "through the models (ETA shown)")
+    seeds = [ckpt["config"]["seed"] + i for i in range(n_seeds)]
+    pairs = [(ckpt_path, control or train_like(ckpt, os.path.join(out_dir, "random_router"),
+                                               "random-router control", freeze_router=True))]
+    for seed in seeds[1:]:
+        sub = os.path.join(out_dir, f"seed{seed}")
+        pairs.append((train_like(ckpt, os.path.join(sub, "learned"), f"seed {seed}", seed=seed),
+                      train_like(ckpt, os.path.join(sub, "random_router"),
+                                 f"seed {seed}, random-router control", seed=seed,
+                                 freeze_router=True)))
     dev, dtype = train.resolve_device(ckpt["config"]["device"]), ckpt["config"]["dtype"]
-    models = {"learned": model.to(dev), "random router": load_model(control)[0].to(dev)}
     ctx = torch.autocast(dev.split(":")[0], torch.bfloat16,
                          enabled=(auto_dtype(dev)[0] if dtype == "auto" else dtype) == "bfloat16")
     files = stdlib_files()["val"]  # the val split of data="stdlib", file by file
+    E = model.cfg.moe.n_routed_experts
     with Progress(*Progress.get_default_columns(), console=console) as progress:
         stream, labels = torch.frombuffer(bytearray(b"\n".join(files)), dtype=torch.uint8), []
         n = min(max_bytes or len(stream), len(stream))
@@ -196,16 +207,45 @@ def experts_study(ckpt_path, control, out_dir, max_bytes, shuffles=3):
             if len(labels) < n:
                 labels += byte_classes(f) + [-1]  # -1: the b"\n" data.py joins files with
         stream, labels = stream[:n], torch.tensor(labels[:n], dtype=torch.int8)
-        routed = {name: route_bytes(m, stream, ctx, ckpt["config"]["compile"], progress, name)
-                  for name, m in models.items()}                # name: (picks, top, val loss)
-    E, known = model.cfg.moe.n_routed_experts, labels >= 0
+        records, models = [], {}
+        for seed, (learned, random_router) in zip(seeds, pairs):
+            models = {"learned": load_model(learned)[0].to(dev),
+                      "random router": load_model(random_router)[0].to(dev)}
+            routed = {name: route_bytes(m, stream, ctx, ckpt["config"]["compile"], progress,
+                                        f"seed {seed}, {name}")
+                      for name, m in models.items()}            # name: (picks, top, val loss)
+            records.append(atlas_record(routed, labels, E, shuffles))
+            if len(records) == 1:
+                first = models  # the pictures show the first seed's models
+    record = {"checkpoint": ckpt_path, "control": pairs[0][1], "val_bytes": len(stream),
+              **records[0], "seeds": seeds, "runs": [dict(zip(("learned", "random_router"), p))
+                                                     for p in pairs]}
+    if n_seeds > 1:
+        record["per_seed"] = [{"seed": s, "val_loss": r["val_loss"],
+                               "mi": [{k: l[k] for k in ("mi_learned", "mi_random_router",
+                                                         "mi_shuffled")} for l in r["layers"]]}
+                              for s, r in zip(seeds, records)]
+    layer = record["snippet_layer"]
+    snippet = torch.frombuffer(bytearray(SNIPPET), dtype=torch.uint8)
+    pictures = [routed_snippet(SNIPPET, route_bytes(m, snippet, ctx, False)[1][layer], E,
+                               f"{name}, MoE {layer}: each byte on the colour of its top expert")
+                for name, m in first.items()]
+    maps = [class_heatmap(torch.tensor(l["heatmap"]), CLASSES, f"MoE {l['moe_layer']}, learned "
+                          "router: p(expert | class) / p(expert)") for l in record["layers"]]
+    save_atlas(console, record, maps + pictures, out_dir, stamp(dev, dtype))
+
+
+def atlas_record(routed, labels, E, shuffles):
+    """Per MoE layer, I(class; expert) of the learned and the random router (on all the bytes
+    and on each half), of shuffled classes, and the lift heatmaps; the class counts."""
+    known = labels >= 0
     counts = torch.bincount(labels[known].long(), minlength=len(CLASSES))
-    gen, layers = torch.Generator().manual_seed(0), []
-    halves = (slice(0, len(stream) // 2), slice(len(stream) // 2, None))  # how much text moves it
+    gen, layers, n = torch.Generator().manual_seed(0), [], len(labels)
+    halves = (slice(0, n // 2), slice(n // 2, None))  # how much the text moves it
     for i in range(len(routed["learned"][0])):  # MoE layer i
-        joint = {n: class_expert_counts(labels, r[0][i], E) for n, r in routed.items()}
-        half = {n: [mutual_information(class_expert_counts(labels[h], r[0][i][h], E))
-                    for h in halves] for n, r in routed.items()}
+        joint = {k: class_expert_counts(labels, r[0][i], E) for k, r in routed.items()}
+        half = {k: [mutual_information(class_expert_counts(labels[h], r[0][i][h], E))
+                    for h in halves] for k, r in routed.items()}
         shuffled = [class_expert_counts(labels[known][torch.randperm(int(known.sum()), generator=gen)],
                                         routed["learned"][0][i][known], E) for _ in range(shuffles)]
         layers.append({"moe_layer": i, "mi_learned": mutual_information(joint["learned"]),
@@ -216,18 +256,7 @@ def experts_study(ckpt_path, control, out_dir, max_bytes, shuffles=3):
                        "heatmap": lift(joint["learned"]).tolist(),
                        "heatmap_random_router": lift(joint["random router"]).tolist()})
     p = counts.double() / counts.sum()
-    record = {"checkpoint": ckpt_path, "control": control, "val_bytes": len(stream),
-              "classified_bytes": int(counts.sum()), "classes": CLASSES,
-              "class_bytes": counts.tolist(), "class_entropy_bits": -(p * p.log2()).nansum().item(),
-              "val_loss": {n: r[2] for n, r in routed.items()}, "layers": layers,
-              "snippet_layer": max(layers, key=lambda l: l["mi_learned"])["moe_layer"]}
-    layer = record["snippet_layer"]
-    snippet = torch.frombuffer(bytearray(SNIPPET), dtype=torch.uint8)
-    pictures = [routed_snippet(SNIPPET, route_bytes(m, snippet, ctx, False)[1][layer], E,
-                               f"{name}, MoE {layer}: each byte on the colour of its top expert")
-                for name, m in models.items()]
-    maps = [class_heatmap(torch.tensor(l["heatmap"]), CLASSES, f"MoE {l['moe_layer']}, learned "
-                          "router: p(expert | class) / p(expert)") for l in layers]
-    save_atlas(console, record, maps + pictures, out_dir)
-
-
+    return {"classified_bytes": int(counts.sum()), "classes": CLASSES,
+            "class_bytes": counts.tolist(), "class_entropy_bits": -(p * p.log2()).nansum().item(),
+            "val_loss": {k: r[2] for k, r in routed.items()}, "layers": layers,
+            "snippet_layer": max(layers, key=lambda l: l["mi_learned"])["moe_layer"]}

@@ -155,18 +155,22 @@ def switch_table(routings):
     return table
 
 
-def save_table(console, table, cols, rows, notes, out_dir, record):
-    """Print a study's table and notes; write them to study.md and record to study.json."""
+def save_table(console, table, cols, rows, notes, out_dir, record, stamp=""):
+    """Print a study's table and notes under its stamp; write them to study.md (stamped) and
+    record to study.json."""
     for c in cols:
         table.add_column(c, justify="left" if c == "arm" else "right")
     for row in rows:
         table.add_row(*row)
+    if stamp:
+        console.print(stamp, highlight=False, markup=False, soft_wrap=True)
     console.print(table)
     for note in notes:
         console.print(note)
     with open(os.path.join(out_dir, "study.json"), "w") as f:
-        json.dump(record, f, indent=1)
+        json.dump({**record, "stamp": stamp}, f, indent=1)
     with open(os.path.join(out_dir, "study.md"), "w") as f:
+        f.write(stamp + "\n\n" if stamp else "")
         f.write("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n")
         f.writelines("| " + " | ".join(row) + " |\n" for row in rows)
         f.writelines(f"\n{note}\n" for note in notes)
@@ -204,31 +208,64 @@ def plot_svg(lines, path, title, xlabel, W=640, H=400):
         f.write("\n".join(svg + ["</svg>\n"]))
 
 
-def save_atlas(console, record, pictures, out_dir):
-    """study.py --study=experts: print the mutual information table and the pictures; write
-    experts.json (record), experts.md (the tables) and experts.svg (the pictures)."""
+def save_atlas(console, record, pictures, out_dir, stamp=""):
+    """study.py --study=experts: print the mutual information table(s) and the pictures under
+    the stamp; write experts.json (record), experts.md (the tables) and experts.svg."""
     cols = ["MoE layer", "learned router", "random router", "shuffled classes"]
     def mi(l, key):  # the whole val text, then (its first half, its second half)
         return f"{l[key]:.4f} ({l[key + '_halves'][0]:.4f}, {l[key + '_halves'][1]:.4f})"
     rows = [[str(l["moe_layer"]), mi(l, "mi_learned"), mi(l, "mi_random_router"),
              f"{l['mi_shuffled']:.4f}"] for l in record["layers"]]
-    loss = record["val_loss"]
+    loss, H = record["val_loss"], record["class_entropy_bits"]
     notes = [f"{record['classified_bytes']:,} of {record['val_bytes']:,} val bytes classified; "
-             f"H(class) = {record['class_entropy_bits']:.3f} bits. Val loss on these bytes (nats "
+             f"H(class) = {H:.3f} bits. Val loss on these bytes (nats "
              f"per byte): learned {loss['learned']:.4f}, random router {loss['random router']:.4f}"]
-    table = Table(title="I(class; expert) in bits: a byte's class against one of its K experts "
-                        "(in brackets: on each half of the val bytes)")
-    for c in cols:
-        table.add_column(c, justify="right")
-    for row in rows:
-        table.add_row(*row)
-    for p in [table, *notes, *pictures]:
+    title = "I(class; expert) in bits: a byte's class against one of its K experts (in brackets: on each half of the val bytes)"
+    tables = [(title + (f", seed {record['seeds'][0]}" if len(record["seeds"]) > 1 else ""),
+               cols, rows)]
+    if "per_seed" in record:  # mean ± half the range over the seeds, per layer
+        def over(xs, fmt="{:.4f}"):
+            half = fmt.format((max(xs) - min(xs)) / 2).lstrip("+")
+            return f"{fmt.format(sum(xs) / len(xs))} ± {half}"
+        seeds = record["per_seed"]
+        seed_cols = ["MoE layer", "learned router", "random router", "learned - random",
+                     "learned / H(class)", "shuffled classes"]
+        seed_rows = []
+        for i in range(len(record["layers"])):
+            got = {k: [s["mi"][i][k] for s in seeds] for k in seeds[0]["mi"][i]}
+            diff = [a - b for a, b in zip(got["mi_learned"], got["mi_random_router"])]
+            seed_rows.append([str(i), over(got["mi_learned"]), over(got["mi_random_router"]),
+                              over(diff, "{:+.4f}"), over([x / H for x in got["mi_learned"]], "{:.3f}"),
+                              over(got["mi_shuffled"])])
+        tables.insert(0, (f"I(class; expert) in bits over seeds {', '.join(map(str, record['seeds']))}"
+                          " (mean ± half the range)", seed_cols, seed_rows))
+        notes.append("learned - random router by seed: " + "; ".join(
+            f"MoE {i}: " + ", ".join(f"{s['mi'][i]['mi_learned'] - s['mi'][i]['mi_random_router']:+.4f}"
+                                     for s in seeds) for i in range(len(record["layers"]))))
+        notes.append("val loss by seed (learned, random router): " + "; ".join(
+            f"{s['seed']}: {s['val_loss']['learned']:.4f}, {s['val_loss']['random router']:.4f}"
+            for s in seeds))
+    rich_tables = []
+    for title, tcols, trows in tables:
+        table = Table(title=title)
+        for c in tcols:
+            table.add_column(c, justify="right")
+        for row in trows:
+            table.add_row(*row)
+        rich_tables.append(table)
+    if stamp:
+        console.print(stamp, highlight=False, markup=False, soft_wrap=True)
+    for p in [*rich_tables, *notes, *pictures]:
         console.print(p)
+    record = {**record, "stamp": stamp}
     with open(os.path.join(out_dir, "experts.json"), "w") as f:
         json.dump(record, f, indent=1)
     E = len(record["layers"][0]["heatmap"][0])
-    md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
-          *("| " + " | ".join(r) + " |" for r in rows), "", *notes, ""]
+    md = [stamp, ""] if stamp else []
+    for title, tcols, trows in tables:
+        md += [title, "", "| " + " | ".join(tcols) + " |", "|" + "---|" * len(tcols),
+               *("| " + " | ".join(r) + " |" for r in trows), ""]
+    md += [*notes, ""]
     for l in record["layers"]:
         for key, router in (("heatmap", "learned"), ("heatmap_random_router", "random")):
             md += [f"MoE {l['moe_layer']}, {router} router: p(expert | class) / p(expert)", "",
@@ -239,5 +276,5 @@ def save_atlas(console, record, pictures, out_dir):
             md.append("")
     with open(os.path.join(out_dir, "experts.md"), "w") as f:
         f.write("\n".join(md))
-    save_svg([table, *pictures], os.path.join(out_dir, "experts.svg"), "expert atlas")
+    save_svg([*rich_tables, *pictures], os.path.join(out_dir, "experts.svg"), "expert atlas")
     console.print(f"saved {out_dir}/experts.json, experts.md, experts.svg")

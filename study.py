@@ -47,7 +47,7 @@ import sys
 import time
 import warnings
 from dataclasses import replace
-from statistics import fmean, median
+from statistics import fmean, median, stdev
 
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy")  # torch's optional numpy
 import torch
@@ -62,6 +62,7 @@ from display import heatmap, plot_svg, save_svg, save_table, switch_table
 from model import GPT, GPTConfig, presets
 from ep import combine, dispatch
 from moe import Gate, MoE, MoEConfig, max_vio
+from startup import resolve_device, stamp
 from train import arms, default_settings, parse_overrides
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -334,7 +335,7 @@ SWITCH_ARMS = ["none", "aux", "aux@0.01", "aux@0.1", "bias"]  # the balance loss
 
 
 def main():
-    args = dict(study="balance", scale="cpu", arms="", out_dir="", seed=1337, seeds=3,
+    args = dict(study="balance", scale="cpu", arms="", out_dir="", seed=1337, seeds=0,
                 ckpt="out/ckpt.pt", control="", max_bytes=0)
     given = [a for a in sys.argv[1:] if a.split("=")[0].removeprefix("--") in args]
     args.update(parse_overrides(given, args))
@@ -348,7 +349,7 @@ def main():
     if args["study"] == "experts":
         from atlas import experts_study  # atlas.py imports this file's helpers
         return experts_study(args["ckpt"], args["control"], args["out_dir"] or "out/experts",
-                             args["max_bytes"])
+                             args["max_bytes"], args["seeds"] or 1)
     study = "balance" if args["study"] == "switch" else args["study"]
     if study not in scales:
         sys.exit(f"--study={study!r}: expected one of "
@@ -365,44 +366,78 @@ def main():
     out_dir = args["out_dir"] or os.path.join("out", {"balance": "study"}.get(args["study"], args["study"]))
     if args["study"] == "switch":
         Console().print(switch_table(switch_counterexample()))
-    if study == "balance":
-        balance_study(chosen, settings, out_dir)
+    if study == "balance":  # --seeds: 1 for balance, 3 for arch unless given
+        balance_study(chosen, settings, out_dir, args["seeds"] or 1)
     else:
-        arch_study(chosen, settings, out_dir, args["seeds"])
+        arch_study(chosen, settings, out_dir, args["seeds"] or 3)
 
 
-def balance_study(chosen, settings, out_dir):
+def balance_study(chosen, settings, out_dir, n_seeds=1):
+    """Every arm with each of n_seeds seeds (seeds outside, so every arm has a first result
+    early); one table of the means and spreads, and each arm's val loss against aux's on
+    the same seeds, the difference's mean and standard error."""
     console = Console()
-    flags = [f"--{k}={v}" for k, v in settings.items()]
-    results = []
-    for arm in chosen:  # "aux@0.01": the aux arm with seq_aux_alpha=0.01
-        (base, _, alpha), out = arm.partition("@"), os.path.join(out_dir, arm)
-        rows = run(console, out, [os.path.join(HERE, "train.py"), f"--balance={base}",
-                                  f"--out_dir={out}", *flags,
-                                  *([f"--seq_aux_alpha={alpha}"] if alpha else [])])
-        alpha = float(alpha or settings.get("seq_aux_alpha", arms[base][1]))
-        results.append(summarise_balance(arm, rows, settings, alpha))
+    flags = [f"--{k}={v}" for k, v in settings.items() if k != "seed"]
+    seeds = [settings["seed"] + i for i in range(n_seeds)]
+    runs, start, n_runs = {arm: [] for arm in chosen}, time.time(), n_seeds * len(chosen)
+    for seed in seeds:
+        for arm in chosen:  # "aux@0.01": the aux arm with seq_aux_alpha=0.01
+            (base, _, alpha), out = arm.partition("@"), os.path.join(out_dir, arm)
+            out = os.path.join(out, f"seed{seed}") if n_seeds > 1 else out
+            rows = run(console, out, [os.path.join(HERE, "train.py"), f"--balance={base}",
+                                      f"--out_dir={out}", f"--seed={seed}", *flags,
+                                      *([f"--seq_aux_alpha={alpha}"] if alpha else [])])
+            alpha = float(alpha or settings.get("seq_aux_alpha", arms[base][1]))
+            runs[arm].append({**summarise_balance(arm, rows, settings, alpha), "seed": seed})
+            done, spent = sum(map(len, runs.values())), time.time() - start
+            console.print(f"[bold]{done}/{n_runs} runs in {spent / 60:.1f} min; "
+                          f"ETA {spent / done * (n_runs - done) / 60:.1f} min[/]")
 
     cfg = presets[settings["preset"]].moe
     tokens = tokens_per_step(settings)
     floor = noise_floor(cfg.n_routed_experts, cfg.n_activated_experts, tokens)
+    dtype = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["dtype"]
     table = Table(title=f"balance study: {settings['preset']} preset, {settings['max_iters']} steps, "
-                        f"{tokens} tokens/step, seed {settings['seed']}")
+                        f"{tokens} tokens/step, seed{'s' * (n_seeds > 1)} "
+                        f"{', '.join(map(str, seeds))}" + (" (mean ± half the range)" if n_seeds > 1 else ""))
     cols = ["arm", "val loss", "MaxVio global", "MaxVio batch", "noise floor", "dead experts",
             "balance loss / uniform's", "tokens/s"]
-    rows = [[r["arm"], f"{r['val_loss']:.4f}", f"{r['maxvio_global']:.3f}",
-             f"{r['maxvio_batch']:.3f}", f"{floor:.3f}", str(r["dead_experts"]),
-             "-" if r["balance_loss_ratio"] is None else f"{r['balance_loss_ratio']:.3f}",
-             f"{r['tokens_per_s']:,.0f}"] for r in results]
-    for r in results:
+    def col(rs, key, fmt):
+        xs = [r[key] for r in rs]
+        return "-" if None in xs else spread(xs, fmt)
+    rows = [[arm, col(rs, "val_loss", "{:.4f}"), col(rs, "maxvio_global", "{:.3f}"),
+             col(rs, "maxvio_batch", "{:.3f}"), f"{floor:.3f}",
+             col(rs, "dead_experts", "{:.1f}" if n_seeds > 1 else "{:.0f}"),
+             col(rs, "balance_loss_ratio", "{:.3f}"), col(rs, "tokens_per_s", "{:,.0f}")]
+            for arm, rs in runs.items()]
+    notes = paired_differences(runs, "aux") if n_seeds > 1 else []
+    maps = [heatmap(torch.tensor(rs[0]["loads"]), f"{arm}: val-set expert load / mean"
+                    + (f" (seed {rs[0]['seed']})" if n_seeds > 1 else "")) for arm, rs in runs.items()]
+    for r in (r for rs in runs.values() for r in rs):  # the loads are in the heatmaps
+        del r["loads"]
         r["noise_floor"] = floor
-    maps = [heatmap(torch.tensor(r.pop("loads")), f"{r['arm']}: val-set expert load / mean")
-            for r in results]
-    save_table(console, table, cols, rows, [], out_dir, {"settings": settings, "rows": results})
+    record = {"settings": settings, "seeds": seeds, "dtype": dtype, "arms": runs, "notes": notes}
+    save_table(console, table, cols, rows, notes, out_dir, record,
+               stamp(resolve_device(settings.get("device", "auto")), dtype))
     for hm in maps:
         console.print(hm)
     save_svg(maps, os.path.join(out_dir, "study_heatmaps.svg"), "balance study")
     console.print(f"saved {out_dir}/study.json, study.md, study_heatmaps.svg")
+
+
+def paired_differences(runs, ref):
+    """Each arm's final val loss minus ref's on the same seed: the mean and its standard error
+    (the sample standard deviation of the differences over sqrt(seeds))."""
+    notes = []
+    for arm, rs in runs.items():
+        if arm == ref or ref not in runs:
+            continue
+        d = [a["val_loss"] - b["val_loss"] for a, b in zip(rs, runs[ref])]
+        se = stdev(d) / math.sqrt(len(d))
+        notes.append(f"{arm} - {ref}, val loss on the same seeds: {fmean(d):+.4f} ± {se:.4f} "
+                     f"(standard error, {len(d)} seeds; differences "
+                     f"{', '.join(f'{x:+.4f}' for x in d)})")
+    return notes
 
 
 def tokens_per_step(settings):

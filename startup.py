@@ -1,0 +1,173 @@
+"""
+What every script does first: settings from the command line, the device, the dtype that
+dtype="auto" picks, the GPU's peak FLOP/s, and the stamp above every results table.
+
+    from startup import default_settings, parse_overrides, resolve_device, auto_dtype, stamp
+
+Nothing here imports torch.distributed's FSDP, DTensor or checkpoint modules: bench.py and the
+studies load this file, not train.py.
+"""
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEAK_FLOPS = [  # dense bf16 tensor-core FLOP/s by part, from the vendors' datasheets; the first
+    # whole-word match of the CUDA device name wins, so the slower PCIe and NVL parts come first
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12),
+    ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def default_settings(namespace):
+    """The settings of a script: its module-level plain values, by name."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
+
+def parse_overrides(argv, settings):
+    """--key=value (or a bare --flag for booleans) -> dict of typed values; refuse unknown keys."""
+    given = {}
+    for arg in argv:
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in settings:
+            sys.exit(f"unknown setting {arg!r}; valid keys: {', '.join(settings)}")
+        kind = type(settings[key])
+        try:
+            if kind is bool:
+                if eq and value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                given[key] = not eq or value.lower() in ("true", "1")
+            else:
+                given[key] = kind(value)
+        except ValueError:
+            sys.exit(f"--{key}={value!r}: expected a {kind.__name__}")
+    return given
+
+
+def resolve_device(name):
+    """"auto" -> "cuda" when a GPU is usable, else "cpu". A device that is not there ends the
+    run with one line, not a stack trace from deep inside torch."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        sys.exit(f"--device={name!r}: not a device name (try cpu, cuda, cuda:1)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device={name}: no usable CUDA GPU here (torch {torch.__version__}, CUDA "
+                 f"build {torch.version.cuda or 'none'}); use --device=cpu")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        sys.exit(f"--device={name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return name
+
+
+def peak_flops(device_name):
+    """PEAK_FLOPS of the first part whose name is a whole word of device_name; None if none."""
+    return next((v for part, v in PEAK_FLOPS if re.search(rf"\b{part}\b", device_name)), None)
+
+
+def cpu_flags():
+    """The CPU's feature flags (Linux); empty where /proc/cpuinfo is missing."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(f.read().split())
+    except OSError:
+        return set()
+
+
+def cpu_matmul_tflops(dtype, n=512, reps=10):
+    """TFLOP/s of an n x n matmul in dtype on this CPU: the best of reps, after one warm-up."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = math.inf
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e12
+
+
+def auto_dtype(dev):
+    """The autocast dtype for dtype="auto" on device dev, and the reason, for the start-up line.
+    On a CPU with bf16 instructions, whichever of bf16 and fp32 multiplies faster, timed now
+    (~50 ms): flags alone mislead. bench.py, 2 cores each: an EPYC with AVX512-BF16, bf16 peak
+    0.42 TFLOP/s against fp32's 0.18, the cpu preset's step at the same speed in both; a Xeon
+    with AVX512-BF16 but no AMX, bf16 0.14 against fp32 0.26, the step 2.3x faster in fp32."""
+    if dev.startswith("cuda"):
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bfloat16", "this GPU has bf16 tensor cores"
+        return "float32", "this GPU has no bf16 support"
+    if not cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX512-BF16 / AMX, Arm BF16
+        return "float32", "this CPU has no native bf16 matmul (bf16 would be emulated, ~3x slower)"
+    bf16, fp32 = cpu_matmul_tflops(torch.bfloat16), cpu_matmul_tflops(torch.float32)
+    speeds = f"{bf16:.2f} vs {fp32:.2f} TFLOP/s in bf16 vs fp32, timed now"
+    if bf16 > fp32:
+        return "bfloat16", f"this CPU multiplies bf16 faster ({speeds})"
+    return "float32", f"this CPU multiplies fp32 faster, bf16 instructions and all ({speeds})"
+
+
+def agree_on_dtype(name, why, dev):
+    """Under torchrun each rank timed its own matmuls: bf16 only if every rank chose it."""
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        return name, why
+    vote = torch.tensor([float(name == "bfloat16")], device=dev)
+    dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+    if name == "bfloat16" and not vote.item():
+        return "float32", "some rank multiplies fp32 faster; all ranks use one dtype"
+    return name, why
+
+
+# ----------------------------------------------------------------------------- the stamp
+def machine(dev="cpu"):
+    """The GPU's name, or the CPU's model, core count and bf16 instructions."""
+    if dev.startswith("cuda"):
+        return torch.cuda.get_device_name(dev)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M).group(1).strip()
+    except (OSError, AttributeError):
+        import platform
+        model = platform.processor() or platform.machine()
+    flags = cpu_flags()
+    bf16 = ("AMX" if "amx_bf16" in flags else "AVX512-BF16, no AMX" if "avx512_bf16" in flags
+            else "bf16" if "bf16" in flags else "no bf16 instructions")
+    return f"{model}, {os.cpu_count()} cores ({bf16})"
+
+
+def git_commit():
+    """The short commit of this checkout, "-dirty" if tracked files differ from it."""
+    def git(*args):
+        return subprocess.run(["git", "-C", HERE, *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        return (head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+                if head else "unknown")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def command_line():
+    """The command as typed, as far as a process can see it: torchrun and OMP_NUM_THREADS too."""
+    cmd = [f"python {os.path.basename(sys.argv[0])}", *sys.argv[1:]]
+    if "WORLD_SIZE" in os.environ:
+        cmd.insert(0, f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}")
+    if "OMP_NUM_THREADS" in os.environ:
+        cmd.insert(0, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
+    return " ".join(cmd)
+
+
+def stamp(dev, dtype, command=None):
+    """The line above every results table: when, where, which torch and code, in what dtype,
+    by what command. test_docs.py checks that every table in docs/ stands under one."""
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return (f"> **{when} UTC** · {machine(dev)} · torch {torch.__version__} · "
+            f"commit {git_commit()} · {dtype} · `{command or command_line()}`")
