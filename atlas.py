@@ -26,12 +26,11 @@ from rich.console import Console
 from rich.progress import Progress
 
 import train
-from data import stdlib_files
+from data import load_checkpoint, stdlib_files
 from display import class_heatmap, routed_snippet, save_atlas
+from model import GPT
 from moe import MoE
-from study import HERE, load_model, run_to_its_end
-from startup import stamp
-from train import auto_dtype, default_settings
+from startup import HERE, auto_dtype, default_settings, resolve_device, run_to_its_end, stamp
 
 
 CLASSES = ("names", "keywords", "operators", "numbers", "strings", "comments", "whitespace",
@@ -152,14 +151,14 @@ def train_like(ckpt, out, what, **changes):
     """train.py with the checkpoint's own settings and steps, but for changes (a seed, the
     router frozen at its random init). A finished run of the same settings in out is reused;
     one stopped by Ctrl-C resumes."""
-    config = ckpt["config"]
-    settings = {**default_settings(), **{k: v for k, v in config.items() if k in default_settings()},
+    config, known = ckpt["config"], default_settings(vars(train))
+    settings = {**known, **{k: v for k, v in config.items() if k in known},
                 "max_iters": ckpt["iter"], "lr_decay_iters": config["lr_decay_iters"] or
-                config["max_iters"], "out_dir": out, "sample": False, "eval_sample": False,
+                config["max_iters"], "out_dir": out, "eval_sample": False,
                 "heatmap_svg": False, "init_from": "scratch", **changes}
     path = os.path.join(out, "ckpt.pt")
     if os.path.exists(path):
-        done = train.load_checkpoint(path)
+        done = load_checkpoint(path)
         if {**done["config"], "init_from": "scratch"} == settings:
             if done["iter"] >= settings["max_iters"]:
                 Console().print(f"{what}: {path} has these settings and steps; reusing it")
@@ -178,7 +177,8 @@ def experts_study(ckpt_path, control, out_dir, max_bytes, n_seeds=1, shuffles=3)
     With n_seeds > 1, the checkpoint's settings are trained again with the next seeds, each
     with its own random-router control, and the mutual information is given over the seeds."""
     console = Console()
-    model, ckpt = load_model(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    model = GPT.from_checkpoint(ckpt)
     if model.cfg.vocab_size != 256 or not any(isinstance(m, MoE) for m in model.modules()):
         sys.exit(f"{ckpt_path}: the atlas needs a byte-level model (vocab_size=256) with MoE layers")
     os.makedirs(out_dir, exist_ok=True)
@@ -195,7 +195,7 @@ def experts_study(ckpt_path, control, out_dir, max_bytes, n_seeds=1, shuffles=3)
                       train_like(ckpt, os.path.join(sub, "random_router"),
                                  f"seed {seed}, random-router control", seed=seed,
                                  freeze_router=True)))
-    dev, dtype = train.resolve_device(ckpt["config"]["device"]), ckpt["config"]["dtype"]
+    dev, dtype = resolve_device(ckpt["config"]["device"]), ckpt["config"]["dtype"]
     ctx = torch.autocast(dev.split(":")[0], torch.bfloat16,
                          enabled=(auto_dtype(dev)[0] if dtype == "auto" else dtype) == "bfloat16")
     files = stdlib_files()["val"]  # the val split of data="stdlib", file by file
@@ -209,8 +209,8 @@ def experts_study(ckpt_path, control, out_dir, max_bytes, n_seeds=1, shuffles=3)
         stream, labels = stream[:n], torch.tensor(labels[:n], dtype=torch.int8)
         records, models = [], {}
         for seed, (learned, random_router) in zip(seeds, pairs):
-            models = {"learned": load_model(learned)[0].to(dev),
-                      "random router": load_model(random_router)[0].to(dev)}
+            models = {name: GPT.from_checkpoint(load_checkpoint(path)).eval().to(dev)
+                      for name, path in (("learned", learned), ("random router", random_router))}
             routed = {name: route_bytes(m, stream, ctx, ckpt["config"]["compile"], progress,
                                         f"seed {seed}, {name}")
                       for name, m in models.items()}            # name: (picks, top, val loss)

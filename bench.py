@@ -45,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from display import bench_table
 from model import GPT, presets as model_presets
 from moe import MoE, MoEConfig, max_vio, update_bias
-from train import auto_dtype, default_settings, parse_overrides, resolve_device
+from startup import auto_dtype, default_settings, parse_overrides, resolve_device
 
 # ----------------------------------------------------------------------------- settings
 preset = ""                  # "" = "gpu" on a GPU, else "cpu"; a key of `presets`

@@ -1,5 +1,6 @@
 """
-Training data for train.py, offline: every split is a list of 1-D token tensors ("shards").
+Training data for train.py, offline, and its checkpoints: every split is a list of 1-D token
+tensors ("shards"); checkpoints are written atomically and read without running pickled code.
 
     from data import load_data, get_batch
     splits = load_data("stdlib", "out/cache", block_size=256)  # {"train": [...], "val": [...]}
@@ -21,6 +22,8 @@ generator's state alone: a resumed run restores the state and draws the same bat
 import glob
 import mmap
 import os
+import pickle
+import re
 import sys
 import sysconfig
 import zlib
@@ -34,6 +37,20 @@ def atomic_save(obj, path):
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint of tensors and plain values, or one clear line. weights_only=True: a file
+    from elsewhere that carries a pickled object is refused, never run (plain pickle would
+    execute it)."""
+    if not os.path.exists(path):
+        sys.exit(f"no checkpoint at {path}; train first (python train.py) or set --out_dir")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"GLOBAL [\w.]+", str(e))
+        sys.exit(f"{path}: refused, it holds a pickled Python object "
+                 f"({what.group(0) if what else 'not only tensors'}); only load files you trust")
 
 
 def stdlib_files():

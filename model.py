@@ -129,6 +129,14 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", torch.empty(cfg.block_size, half), persistent=False)
         self.reset_parameters()
 
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "GPT":
+        """The model a train.py checkpoint holds (data.load_checkpoint reads the file)."""
+        saved = ckpt["model_cfg"]
+        model = cls(GPTConfig(**{**saved, "moe": MoEConfig(**saved["moe"])}))
+        model.load_state_dict(ckpt["model"])
+        return model
+
     @torch.no_grad()
     def reset_parameters(self):
         """Every value from scratch: Normal(0, init_std) for every matrix, residual outputs

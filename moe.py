@@ -116,117 +116,6 @@ class MoEConfig:
         return self.score_func == "sigmoid" if self.norm_topk_prob is None else self.norm_topk_prob
 
 
-# ---------------------------------------------------------------------------------------
-# Grouped matmul: out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]   (one swappable spot)
-# F.grouped_mm (torch >= 2.10) is differentiable and compiles in bf16. Other dtypes run
-# eagerly (a per-group fallback), but its compile-time shape rule refuses them: the two
-# custom ops below hide the call from the compiler, and give float32 its backward.
-
-@torch.library.custom_op("moe::grouped_mm", mutates_args=())
-def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    return F.grouped_mm(x.contiguous(), w, offs=offs)
-
-
-@_grouped_mm_op.register_fake
-def _(x, w, offs):
-    return x.new_empty(x.shape[0], w.shape[-1])
-
-
-@torch.library.custom_op("moe::grouped_mm_wgrad", mutates_args=())
-def _grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """dw[e] = x[seg e]^T @ dy[seg e] (zero for an empty segment): grouped over the rows."""
-    return F.grouped_mm(x.t(), dy, offs=offs)
-
-
-@_grouped_mm_wgrad.register_fake
-def _(x, dy, offs):
-    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, dy):
-    x, w, offs = ctx.saved_tensors
-    dy = dy.contiguous()
-    return _grouped_mm_op(dy, w.transpose(-2, -1), offs), _grouped_mm_wgrad(x, dy, offs), None
-
-
-_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """(R, D) rows sorted by group, (G, D, H) weights, (G,) int32 segment ends -> (R, H)."""
-    if x.dtype == torch.bfloat16:
-        if _empty_groups_get_garbage_wgrad(x.device):
-            w = _ZeroEmptyGroupGrad.apply(w, offs)
-        return F.grouped_mm(x, w, offs=offs)  # native, differentiable, compiles
-    return _grouped_mm_op(x, w, offs)
-
-
-def grouped_mm_path(device: torch.device, dtype: torch.dtype) -> str:
-    """What torch runs for grouped_mm on this device and dtype. Its fast CUDA kernel exists for
-    bf16 on compute capability 9.x and 10.x (H100, H200, B200) only; on other GPUs, and in
-    fp32 or fp16 everywhere, it runs one matmul per group after copying offs to the host: a
-    sync per call (9 per MoE layer per training step), no CUDA graphs, and no error."""
-    if device.type != "cuda":
-        return f"one matmul per expert on the {device.type}, no sync"
-    major, minor = torch.cuda.get_device_capability(device)
-    if dtype == torch.bfloat16 and major in (9, 10):
-        return f"torch's grouped-GEMM kernel (bf16, compute capability {major}.{minor}), no sync"
-    return (f"per-expert fallback ({str(dtype).removeprefix('torch.')}, compute capability "
-            f"{major}.{minor}): one matmul per expert and a host sync per call")
-
-
-@torch.compiler.assume_constant_result
-def _empty_groups_get_garbage_wgrad(device: torch.device) -> bool:
-    """On compute capability 10.x, torch's kernel leaves the weight gradient of a group with
-    no rows uninitialised (pytorch#172439)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
-
-
-class _ZeroEmptyGroupGrad(torch.autograd.Function):
-    """The identity on w (G, D, H); its backward zeroes the gradient of the groups that got no
-    rows. Applied only where the kernel needs it (_empty_groups_get_garbage_wgrad)."""
-
-    @staticmethod
-    def forward(ctx, w, offs):
-        ctx.save_for_backward(offs)
-        return w.view_as(w)
-
-    @staticmethod
-    def backward(ctx, dw):
-        (offs,) = ctx.saved_tensors
-        rows = torch.diff(offs, prepend=offs.new_zeros(1))                  # (G,) per group
-        return torch.where((rows > 0)[:, None, None], dw, 0.0), None
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    t = x.device.type
-    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
-
-
-# ---------------------------------------------------------------------------------------
-
-def _fan_in_uniform(w):
-    """nn.Linear's default init range, U(-1/sqrt(in), 1/sqrt(in)), for (..., out, in) weights."""
-    return nn.init.uniform_(w, -w.shape[-1] ** -0.5, w.shape[-1] ** -0.5)
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Shared experts and dense layers."""
-
-    def __init__(self, dim: int, inter_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate projection
-        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down projection
-        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection
-
-    def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
 class Gate(nn.Module):
     """Router: who is picked (biased scores, group-limited) and with what weight (unbiased)."""
 
@@ -276,6 +165,19 @@ class Gate(nn.Module):
         if cfg.renormalize:  # tiny epsilon: picks that all underflow to 0 give 0, not NaN
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
         return weights * cfg.route_scale, indices, scores
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Shared experts and dense layers."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)  # gate projection
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)  # down projection
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)  # up projection
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class MoE(nn.Module):
@@ -392,19 +294,6 @@ class MoE(nn.Module):
         return load, max_vio(load)
 
 
-def _recomputing() -> bool:
-    """True while autograd's backward re-runs a forward (activation checkpointing): its tokens
-    were counted the first time. Compiled graphs never run forward code inside backward."""
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
-
-
-def max_vio(load: torch.Tensor) -> torch.Tensor:
-    """MaxVio [LF eq. 4] along the last dim: (max load - mean load) / mean load."""
-    load = load.double()
-    mean = load.mean(-1)
-    return (load.amax(-1) - mean) / mean.clamp_min(1e-12)
-
-
 @torch.no_grad()
 def update_bias(model: nn.Module, gamma: float | None = None) -> torch.Tensor:
     """Update every MoE layer of model in place; returns the loads used, (n_moe_layers, E).
@@ -418,3 +307,117 @@ def update_bias(model: nn.Module, gamma: float | None = None) -> torch.Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(load)
     return torch.stack([m.update_bias(gamma, l)[0] for m, l in zip(layers, load)])
+
+
+def max_vio(load: torch.Tensor) -> torch.Tensor:
+    """MaxVio [LF eq. 4] along the last dim: (max load - mean load) / mean load."""
+    load = load.double()
+    mean = load.mean(-1)
+    return (load.amax(-1) - mean) / mean.clamp_min(1e-12)
+
+
+# =======================================================================================
+# Machinery the layer above calls, which a first reading can skip: helpers, the grouped
+# matmul's custom ops, and what torch's kernel does on which GPU.
+
+def _recomputing() -> bool:
+    """True while autograd's backward re-runs a forward (activation checkpointing): its tokens
+    were counted the first time. Compiled graphs never run forward code inside backward."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
+def _fan_in_uniform(w):
+    """nn.Linear's default init range, U(-1/sqrt(in), 1/sqrt(in)), for (..., out, in) weights."""
+    return nn.init.uniform_(w, -w.shape[-1] ** -0.5, w.shape[-1] ** -0.5)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else x.dtype
+
+
+# ---------------------------------------------------------------------------------------
+# Grouped matmul: out[offs[e-1]:offs[e]] = x[offs[e-1]:offs[e]] @ w[e]   (one swappable spot)
+# F.grouped_mm (torch >= 2.10) is differentiable and compiles in bf16. Other dtypes run
+# eagerly (a per-group fallback), but its compile-time shape rule refuses them: the two
+# custom ops below hide the call from the compiler, and give float32 its backward.
+
+@torch.library.custom_op("moe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return F.grouped_mm(x.contiguous(), w, offs=offs)
+
+
+@_grouped_mm_op.register_fake
+def _(x, w, offs):
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("moe::grouped_mm_wgrad", mutates_args=())
+def _grouped_mm_wgrad(x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """dw[e] = x[seg e]^T @ dy[seg e] (zero for an empty segment): grouped over the rows."""
+    return F.grouped_mm(x.t(), dy, offs=offs)
+
+
+@_grouped_mm_wgrad.register_fake
+def _(x, dy, offs):
+    return x.new_empty(offs.shape[0], x.shape[1], dy.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, dy):
+    x, w, offs = ctx.saved_tensors
+    dy = dy.contiguous()
+    return _grouped_mm_op(dy, w.transpose(-2, -1), offs), _grouped_mm_wgrad(x, dy, offs), None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """(R, D) rows sorted by group, (G, D, H) weights, (G,) int32 segment ends -> (R, H)."""
+    if x.dtype == torch.bfloat16:
+        if _empty_groups_get_garbage_wgrad(x.device):
+            w = _ZeroEmptyGroupGrad.apply(w, offs)
+        return F.grouped_mm(x, w, offs=offs)  # native, differentiable, compiles
+    return _grouped_mm_op(x, w, offs)
+
+
+def grouped_mm_path(device: torch.device, dtype: torch.dtype) -> str:
+    """What torch runs for grouped_mm on this device and dtype. Its fast CUDA kernel exists for
+    bf16 on compute capability 9.x and 10.x (H100, H200, B200) only; on other GPUs, and in
+    fp32 or fp16 everywhere, it runs one matmul per group after copying offs to the host: a
+    sync per call (9 per MoE layer per training step), no CUDA graphs, and no error."""
+    if device.type != "cuda":
+        return f"one matmul per expert on the {device.type}, no sync"
+    major, minor = torch.cuda.get_device_capability(device)
+    if dtype == torch.bfloat16 and major in (9, 10):
+        return f"torch's grouped-GEMM kernel (bf16, compute capability {major}.{minor}), no sync"
+    return (f"per-expert fallback ({str(dtype).removeprefix('torch.')}, compute capability "
+            f"{major}.{minor}): one matmul per expert and a host sync per call")
+
+
+@torch.compiler.assume_constant_result
+def _empty_groups_get_garbage_wgrad(device: torch.device) -> bool:
+    """On compute capability 10.x, torch's kernel leaves the weight gradient of a group with
+    no rows uninitialised (pytorch#172439)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 10
+
+
+class _ZeroEmptyGroupGrad(torch.autograd.Function):
+    """The identity on w (G, D, H); its backward zeroes the gradient of the groups that got no
+    rows. Applied only where the kernel needs it (_empty_groups_get_garbage_wgrad)."""
+
+    @staticmethod
+    def forward(ctx, w, offs):
+        ctx.save_for_backward(offs)
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, dw):
+        (offs,) = ctx.saved_tensors
+        rows = torch.diff(offs, prepend=offs.new_zeros(1))                  # (G,) per group
+        return torch.where((rows > 0)[:, None, None], dw, 0.0), None
+

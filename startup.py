@@ -10,6 +10,7 @@ studies load this file, not train.py.
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -123,6 +124,21 @@ def agree_on_dtype(name, why, dev):
     if name == "bfloat16" and not vote.item():
         return "float32", "some rank multiplies fp32 faster; all ranks use one dtype"
     return name, why
+
+
+def run_to_its_end(cmd, out, after_ctrl_c=""):
+    """Run a train.py command. Ctrl-C reaches it too (same terminal) and train.py answers by
+    finishing its step and saving a checkpoint, so wait for that instead of killing it."""
+    stopped = []
+    previous = signal.signal(signal.SIGINT, lambda *_: stopped.append(True))
+    try:
+        failed = subprocess.run(cmd).returncode
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stopped:
+        sys.exit(f"stopped by Ctrl-C; {out}/ckpt.pt holds the run so far{after_ctrl_c}")
+    if failed:
+        sys.exit(f"run {out} failed; its output is above")
 
 
 # ----------------------------------------------------------------------------- the stamp

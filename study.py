@@ -57,15 +57,15 @@ from rich.console import Console
 from rich.table import Table
 
 import train
-from data import get_batch, load_data
+from atlas import experts_study
+from data import get_batch, load_checkpoint, load_data
 from display import heatmap, plot_svg, save_svg, save_table, switch_table
 from model import GPT, GPTConfig, presets
 from ep import combine, dispatch
 from moe import Gate, MoE, MoEConfig, max_vio
-from startup import resolve_device, stamp
-from train import arms, default_settings, parse_overrides
+from startup import HERE, parse_overrides, resolve_device, run_to_its_end, stamp
+from train import arms
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 # per study and scale: the train.py settings every arm shares
 scales = {
@@ -145,39 +145,14 @@ def run(console, out, cmd):
     return [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
 
 
-def run_to_its_end(cmd, out, after_ctrl_c=""):
-    """Run a train.py command. Ctrl-C reaches it too (same terminal) and train.py answers by
-    finishing its step and saving a checkpoint, so wait for that instead of killing it."""
-    stopped = []
-    previous = signal.signal(signal.SIGINT, lambda *_: stopped.append(True))
-    try:
-        failed = subprocess.run(cmd).returncode
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if stopped:
-        sys.exit(f"stopped by Ctrl-C; {out}/ckpt.pt holds the run so far{after_ctrl_c}")
-    if failed:
-        sys.exit(f"run {out} failed; its output is above")
-
-
-def load_model(path):
-    """The model of a train.py checkpoint, in eval mode, and the checkpoint."""
-    if not os.path.exists(path):
-        sys.exit(f"no checkpoint at {path}: run `python train.py` first, or pass --ckpt")
-    ckpt = train.load_checkpoint(path)  # tensors and plain values only, or one clear line
-    cfg = GPTConfig(**{**ckpt["model_cfg"], "moe": MoEConfig(**ckpt["model_cfg"]["moe"])})
-    model = GPT(cfg)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt
-
-
 @torch.no_grad()
 def groups_study(ckpt_path, batches=20, batch_size=8):
     """Why node-limited routing exists [V3 2.1.2]: over val batches, how many expert groups
     (in V3, nodes) one token's K experts fall into, with the router's limit and for the same
     router (weights and bias) without it. Every group a token reaches is one more copy of the
     token in the all-to-all dispatch, so this count is the dispatch traffic per token."""
-    model, ckpt = load_model(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
+    model = GPT.from_checkpoint(ckpt).eval()
     cfg = model.cfg
     E, G, M = cfg.moe.n_routed_experts, cfg.moe.n_expert_groups, cfg.moe.n_limited_groups
     if M == G:
@@ -347,7 +322,6 @@ def main():
     if args["study"] == "traffic":
         return traffic_study()
     if args["study"] == "experts":
-        from atlas import experts_study  # atlas.py imports this file's helpers
         return experts_study(args["ckpt"], args["control"], args["out_dir"] or "out/experts",
                              args["max_bytes"], args["seeds"] or 1)
     study = "balance" if args["study"] == "switch" else args["study"]
@@ -362,7 +336,7 @@ def main():
     if unknown := [a for a in chosen if a.partition("@")[0] not in known]:
         sys.exit(f"unknown arm(s) {unknown}; expected some of {', '.join(known)}")
     settings = {**scales[study][args["scale"]], "seed": args["seed"]}
-    settings.update(parse_overrides(passthrough, {**default_settings(), **settings}))
+    settings.update(parse_overrides(passthrough, {**train.default_settings(vars(train)), **settings}))
     out_dir = args["out_dir"] or os.path.join("out", {"balance": "study"}.get(args["study"], args["study"]))
     if args["study"] == "switch":
         Console().print(switch_table(switch_counterexample()))

@@ -8,17 +8,19 @@ import socket
 import pytest
 import torch
 
-import train
+import parallel
 from model import GPT, presets
 from moe import MoE, update_bias
 from test_train import HERE, gate_biases, run_script, text_file, tiny_model  # noqa: F401 (fixture)
 
+pytestmark = pytest.mark.full  # torchrun launches: the full tier (conftest.py)
+
 PROBE = """import os, sys, torch
 sys.path.insert(0, {here!r})
-import train
+import parallel, startup, train
 rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 GPT, seen = train.GPT, []
-train.GPT = lambda cfg: seen.append(GPT(cfg)) or seen[-1]
+train.GPT = parallel.GPT = lambda cfg: seen.append(GPT(cfg)) or seen[-1]
 {before}
 train.main()
 biases = [m.gate.bias.clone() for m in seen[-1].modules() if hasattr(m, "gate")]
@@ -112,8 +114,8 @@ def test_ranks_that_time_different_faster_dtypes_all_train_in_fp32(tmp_path, tex
     """--dtype=auto times bf16 against fp32 matmuls on each rank, and ranks could disagree:
     rank 0 finds bf16 faster, rank 1 fp32. One dtype for all, fp32, or their models diverge."""
     res = run_probe(tmp_path, f"--data={text_file}", "--max_iters=1", "--eval_interval=1",
-                    "--eval_sample=False", torchrun=True, before="""train.cpu_flags = lambda: {"avx512_bf16"}
-train.cpu_matmul_tflops = lambda d: 2.0 if (d == torch.bfloat16) == (rank == 0) else 1.0""")
+                    "--eval_sample=False", "--dtype=auto", torchrun=True, before="""startup.cpu_flags = lambda: {"avx512_bf16"}
+startup.cpu_matmul_tflops = lambda d: 2.0 if (d == torch.bfloat16) == (rank == 0) else 1.0""")
     assert "float32 (some rank multiplies fp32 faster" in " ".join(res.stdout.split())
 
 
@@ -156,7 +158,7 @@ def test_distributed_runs_compile_each_block_so_ddp_can_overlap_its_all_reduce(m
     torch._dynamo.reset()
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, backend="aot_eager", **kw))
-    model = train.compiled_model(tiny_model(), distributed=True)
+    model = parallel.compile_model(tiny_model(), distributed=True, use_ep=False)
     idx = torch.randint(0, 256, (2, 16))
     loss = model(idx, idx)[1]
     compiled_nodes, seen, todo = 0, set(), [loss.grad_fn]

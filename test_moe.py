@@ -17,11 +17,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import moe as moe_module
+from conftest import DEVICES
 from moe import MoE, MoEConfig, grouped_mm, max_vio, update_bias
 
 D = 16  # model width of every test layer; tiny so the Python references stay fast
-# every device the layer can run on here: the references stay on the CPU
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}  # max error / max |reference|
 
 
@@ -656,6 +655,7 @@ def test_compiled_graph_reads_no_tensor_values_on_the_host(bf16_runs):
     assert not targets & {"item", "tolist", "nonzero", "_local_scalar_dense"}
 
 
+@pytest.mark.full
 def test_compiled_float32_forward_and_backward_match_eager():
     torch._dynamo.reset()  # float32 goes through the custom-op fallback of grouped_mm
     moe = make_moe(seq_aux_alpha=0.01).train()
@@ -665,6 +665,7 @@ def test_compiled_float32_forward_and_backward_match_eager():
         assert_close_rel(out["compiled"][name], expected, 1e-5, name)
 
 
+@pytest.mark.full
 def test_compiled_fp32_weights_under_bf16_autocast_match_eager_in_one_graph():
     """How train.py runs the layer: fp32 master weights, bf16 autocast, compiled."""
     torch._dynamo.reset()

@@ -86,6 +86,7 @@ def test_a_gap_is_resolved_only_when_the_seed_ranges_do_not_overlap():
     assert "resolved" in apart[0] and "not resolved" in overlap[0]
 
 
+@pytest.mark.full
 def test_arch_study_runs_every_arm_and_writes_table_and_plots(tmp_path):
     data = tmp_path / "data.txt"
     data.write_bytes(open(os.path.join(HERE, "moe.py"), "rb").read())
@@ -241,6 +242,7 @@ def test_balance_loss_over_uniform_routings_is_the_logged_loss_over_alpha_per_mo
         "balance_loss_ratio"] is None
 
 
+@pytest.mark.full
 def test_expert_atlas_runs_on_a_tiny_checkpoint_with_its_frozen_router_control(tmp_path):
     """study.py --study=experts end to end: a 4-step tiny checkpoint, the control trained by
     the study (router weights still at their seeded init, biases moved), the files written."""

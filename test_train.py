@@ -14,7 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import data
+import parallel
+import startup
 import train
+from conftest import DEVICES
 from model import GPT, GPTConfig, presets
 from moe import MLP, MoE, MoEConfig, max_vio, update_bias
 
@@ -32,7 +35,8 @@ def run_script(out_dir, *args, torchrun=False, check=True, script=os.path.join(H
     """train.py in a subprocess, as a user starts it, with the tiny preset and no compile; a run
     still going after `timeout` seconds fails the test as hung."""
     cmd = [sys.executable, script, "--preset=tiny", "--compile=False", "--batch_size=4",
-           "--eval_iters=2", "--heatmap_svg=False", f"--out_dir={out_dir}", *args]
+           "--eval_iters=2", "--heatmap_svg=False", "--dtype=float32", f"--out_dir={out_dir}",
+           *args]  # dtype pinned: "auto" times bf16 against fp32, so two runs could differ
     if torchrun:
         cmd[1:2] = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script]
     # torchrun starts its ranks in sessions of their own: on a timeout, SIGTERM it (it stops its
@@ -68,13 +72,14 @@ def run_train(out_dir, *args, torchrun=False):
 def run_main(monkeypatch, out_dir, *args):
     """train.main() in this process, its settings restored afterwards; returns the loads of
     every update_bias call (one a step)."""
-    for key, value in train.default_settings().items():
+    for key, value in startup.default_settings(vars(train)).items():
         monkeypatch.setattr(train, key, value)
     loads, real = [], train.update_bias
     monkeypatch.setattr(train, "update_bias", lambda model, gamma=None: loads.append(
         real(model, gamma)) or loads[-1])
     monkeypatch.setattr(sys, "argv", ["train.py", "--preset=tiny", "--compile=False",
-                                      "--eval_iters=2", "--heatmap_svg=False",
+                                      "--eval_iters=2", "--heatmap_svg=False", "--dtype=float32",
+                                      "--eval_sample=False",
                                       f"--out_dir={out_dir}", *args])
     handler = signal.getsignal(signal.SIGINT)
     try:
@@ -224,16 +229,17 @@ def test_training_flops_count_causal_attention_from_first_principles():
     ("NVIDIA L4", 121e12), ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GeForce RTX 5090", None)])
 def test_peak_flops_are_looked_up_by_the_exact_part(name, peak):
     # dense bf16 tensor-core peaks from NVIDIA's datasheets (half the sparsity figures)
-    assert train.peak_flops(name) == peak
+    assert startup.peak_flops(name) == peak
 
 
 def test_auto_dtype_on_cuda_does_not_count_emulated_bf16(monkeypatch):
     # a GPU whose bf16 exists only as emulation (torch's default answer counts it)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
                         including_emulation)
-    assert train.auto_dtype("cuda")[0] == "float32"
+    assert startup.auto_dtype("cuda")[0] == "float32"
 
 
+@pytest.mark.full
 def test_tokens_per_second_count_training_time_only(monkeypatch, tmp_path, text_file):
     """Evaluations (made 1 s slower here), samples and checkpoints are not training time."""
     steps, real_step, real_eval = [], train.train_step, train.evaluate
@@ -251,6 +257,7 @@ def test_tokens_per_second_count_training_time_only(monkeypatch, tmp_path, text_
     assert 0.7 * timed < row["tokens_per_s"] <= 1.01 * timed, (row["tokens_per_s"], timed)
 
 
+@pytest.mark.full
 def test_sampling_and_evaluation_run_under_the_training_autocast(monkeypatch, tmp_path, text_file):
     seen, build = [], train.GPT  # (training?, autocast on?, autocast dtype) of every forward
     def gpt(cfg):
@@ -260,7 +267,7 @@ def test_sampling_and_evaluation_run_under_the_training_autocast(monkeypatch, tm
         return model
     monkeypatch.setattr(train, "GPT", gpt)
     run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=2", "--eval_interval=2",
-             "--dtype=bfloat16", "--batch_size=4")
+             "--dtype=bfloat16", "--batch_size=4", "--eval_sample=True")
     assert sum(not training for training, *_ in seen) == 2 + 200  # val batches, sampled tokens
     assert set(seen) == {(True, True, torch.bfloat16), (False, True, torch.bfloat16)}
 
@@ -412,16 +419,17 @@ def test_bad_data_gets_a_clear_error(tmp_path, kind, message):
 
 def test_overrides_are_typed_and_unknown_keys_refused():
     settings = {"max_iters": 10, "learning_rate": 1e-3, "compile": True, "data": "stdlib"}
-    got = train.parse_overrides(["--max_iters=5", "--learning_rate=0.5", "--compile=False",
+    got = startup.parse_overrides(["--max_iters=5", "--learning_rate=0.5", "--compile=False",
                                  "--data=x.txt"], settings)
     assert got == {"max_iters": 5, "learning_rate": 0.5, "compile": False, "data": "x.txt"}
-    assert train.parse_overrides(["--compile"], settings) == {"compile": True}
+    assert startup.parse_overrides(["--compile"], settings) == {"compile": True}
     with pytest.raises(SystemExit, match="unknown setting.*max_iters"):
-        train.parse_overrides(["--max_iter=5"], settings)
+        startup.parse_overrides(["--max_iter=5"], settings)
     with pytest.raises(SystemExit, match="max_iters.*int"):
-        train.parse_overrides(["--max_iters=five"], settings)
+        startup.parse_overrides(["--max_iters=five"], settings)
 
 
+@pytest.mark.full
 def test_compiled_evaluation_counts_val_loads_and_not_training_counts():
     model, K = tiny_model(), presets["tiny"].moe.n_activated_experts
     loads = train.eval_load_counter(model, "cpu")
@@ -454,9 +462,7 @@ def test_compiled_evaluation_counts_val_loads_and_not_training_counts():
 
 
 # ------------------------------------------------------------------------------ runs
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
+@pytest.mark.full
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_lowers_the_loss(tmp_path, text_file, device):
     rows = run_train(tmp_path, f"--data={text_file}", "--max_iters=60", "--eval_interval=60",
@@ -468,6 +474,7 @@ def test_training_lowers_the_loss(tmp_path, text_file, device):
     assert os.path.exists(tmp_path / "ckpt.pt")
 
 
+@pytest.mark.full
 def test_resume_reproduces_uninterrupted_run(tmp_path, text_file):
     common = [f"--data={text_file}", "--lr_decay_iters=12", "--log_interval=1", "--eval_interval=6"]
     full = run_train(tmp_path / "a", *common, "--max_iters=12")
@@ -478,12 +485,26 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, text_file):
     assert len(losses(full)) == 12
 
 
+@pytest.mark.full
 def test_bias_moves_in_steps_of_gamma(compiled_bias_run):
     gamma, steps = train.arms["bias"][0], 3
     for bias in gate_biases(compiled_bias_run["model"]):
         n = bias / gamma
         torch.testing.assert_close(n, n.round(), atol=1e-3, rtol=0)  # whole steps of gamma
         assert n.abs().max() <= steps and n.abs().sum() > 0
+
+
+def test_each_optimizer_step_moves_every_bias_by_gamma(monkeypatch, tmp_path, text_file):
+    """Two steps of train.py in this process, uncompiled: each expert's bias moved by +-gamma
+    per step (sign(mean load - load) is +-1 or 0, so |bias| / gamma is 0, 1 or 2 after two)."""
+    loads = run_main(monkeypatch, tmp_path, f"--data={text_file}", "--balance=bias",
+                     "--max_iters=2", "--batch_size=4")
+    gamma = train.arms["bias"][0]
+    assert len(loads) == 2  # (n_moe_layers, E) loads of each step, as train.py passed them on
+    want = sum(gamma * torch.sign(l.mean(-1, keepdim=True) - l).float() for l in loads)
+    biases = torch.stack(gate_biases(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]))
+    assert want.abs().sum() > 0
+    torch.testing.assert_close(biases, want, rtol=0, atol=1e-7)
 
 
 def test_frozen_bias_stays_zero(monkeypatch, tmp_path, text_file):
@@ -493,6 +514,7 @@ def test_frozen_bias_stays_zero(monkeypatch, tmp_path, text_file):
     assert biases and all(b.abs().sum() == 0 for b in biases)
 
 
+@pytest.mark.full
 def test_checkpoint_of_a_compiled_run_loads_into_a_plain_model(compiled_bias_run):
     assert not [k for k in compiled_bias_run["model"] if "_orig_mod." in k]
     GPT(presets["tiny"]).load_state_dict(compiled_bias_run["model"])  # strict: every key
@@ -508,6 +530,7 @@ def test_accumulated_micro_batches_update_the_bias_once_from_all_of_them(monkeyp
     assert loads[0].sum(1).tolist() == [per_layer] * (cfg.n_layer - cfg.n_dense_layers)
 
 
+@pytest.mark.full
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, text_file):
     run_train(tmp_path, f"--data={text_file}", "--max_iters=2", "--eval_interval=2")
     with pytest.raises(AssertionError, match="nan at iter"):  # lr 1e30 blows the weights up
@@ -516,28 +539,41 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tex
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 2
 
 
+@pytest.mark.full
 def test_sample_from_checkpoint(tmp_path, text_file):
     run_train(tmp_path, f"--data={text_file}", "--max_iters=4", "--eval_interval=4")
-    res = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), f"--out_dir={tmp_path}",
-                          "--sample", "--prompt=def ", "--max_new_tokens=20"],
+    res = subprocess.run([sys.executable, os.path.join(HERE, "sample.py"), f"--out_dir={tmp_path}",
+                          "--prompt=def ", "--max_new_tokens=20"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("def ")
 
 
-def test_unknown_setting_is_refused_by_the_script(tmp_path):
-    res = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), "--lr=1"],
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0 and "unknown setting '--lr=1'" in res.stderr
-    assert "learning_rate" in res.stderr
+def test_unknown_setting_is_refused_in_one_line(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit, match="unknown setting '--lr=1'.*learning_rate"):
+        run_main(monkeypatch, tmp_path, "--lr=1")
+
+
+@pytest.mark.parametrize("env, args", [({}, []), ({"WORLD_SIZE": "2"}, ["--fsdp=True"]),
+                                       ({"WORLD_SIZE": "3"}, [])])
+def test_unsupported_ep_settings_end_with_one_line(monkeypatch, tmp_path, env, args):
+    """Without torchrun, with --fsdp=True, or on ranks that do not divide the experts: one line,
+    before any process group exists."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(SystemExit) as stop:
+        run_main(monkeypatch, tmp_path, "--ep=True", *args)
+    lines = str(stop.value.code).splitlines()
+    assert len(lines) == 1 and lines[0].startswith("--ep=True shards"), lines
+    assert not torch.distributed.is_initialized()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_missing_gpu_ends_with_one_line(tmp_path):
-    res = run_script(tmp_path, "--device=cuda", check=False)
-    assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
-    assert "--device=cuda: no usable CUDA GPU here" in res.stderr
+def test_missing_gpu_ends_with_one_line(monkeypatch, tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        run_main(monkeypatch, tmp_path, "--device=cuda")
+    assert len(str(stop.value.code).splitlines()) == 1
+    assert "--device=cuda: no usable CUDA GPU here" in str(stop.value.code)
 
 
 @pytest.mark.parametrize("flags, bf16_faster, expected", [
@@ -546,21 +582,21 @@ def test_missing_gpu_ends_with_one_line(tmp_path):
     ({"avx512f", "avx512_bf16"}, False, "float32")])  # instructions, yet fp32 faster (measured)
 def test_auto_dtype_on_a_cpu_is_bf16_only_where_it_multiplies_faster_than_fp32(
         monkeypatch, flags, bf16_faster, expected):
-    monkeypatch.setattr(train, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(startup, "cpu_flags", lambda: flags)
     speed = {torch.bfloat16: 2.0 if bf16_faster else 0.5, torch.float32: 1.0}
-    monkeypatch.setattr(train, "cpu_matmul_tflops", lambda dtype: speed[dtype])
-    assert train.auto_dtype("cpu")[0] == expected
+    monkeypatch.setattr(startup, "cpu_matmul_tflops", lambda dtype: speed[dtype])
+    assert startup.auto_dtype("cpu")[0] == expected
 
 
 def test_cpu_matmul_tflops_is_the_flops_of_a_square_matmul_over_its_best_time(monkeypatch):
     clock = iter([0.0, 0.5, 1.0, 1.25, 2.0, 3.0])  # calls of 0.5, 0.25 and 1.0 s: best 0.25
-    monkeypatch.setattr(train.time, "perf_counter", lambda: next(clock))
-    assert train.cpu_matmul_tflops(torch.float32, n=8, reps=3) == 2 * 8 ** 3 / 0.25 / 1e12
+    monkeypatch.setattr(startup.time, "perf_counter", lambda: next(clock))
+    assert startup.cpu_matmul_tflops(torch.float32, n=8, reps=3) == 2 * 8 ** 3 / 0.25 / 1e12
 
 
-def test_startup_line_names_the_dtype_and_why(tmp_path, text_file):
-    res = run_script(tmp_path, f"--data={text_file}", "--max_iters=0", "--dtype=float32")
-    assert "float32 (set by --dtype)" in " ".join(res.stdout.split())
+def test_startup_line_names_the_dtype_and_why(monkeypatch, capsys, tmp_path, text_file):
+    run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=0", "--dtype=float32")
+    assert "float32 (set by --dtype)" in " ".join(capsys.readouterr().out.split())
 
 
 class WritesAFile:
@@ -575,10 +611,10 @@ class WritesAFile:
 def test_checkpoint_carrying_a_pickled_object_is_refused_not_run(tmp_path):
     victim = tmp_path / "written_by_the_checkpoint"
     torch.save({"model": {}, "iter": 0, "payload": WritesAFile(str(victim))}, tmp_path / "ckpt.pt")
-    res = run_script(tmp_path, "--init_from=resume", check=False)
-    assert res.returncode != 0 and "Traceback" not in res.stderr
-    assert res.stderr.strip() == f"{tmp_path / 'ckpt.pt'}: refused, it holds a pickled Python " \
-                                 "object (GLOBAL io.open); only load files you trust"
+    with pytest.raises(SystemExit) as stop:
+        data.load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert stop.value.code == f"{tmp_path / 'ckpt.pt'}: refused, it holds a pickled Python " \
+                              "object (GLOBAL io.open); only load files you trust"
     assert not victim.exists()
     torch.load(tmp_path / "ckpt.pt", weights_only=False)  # the control: plain pickle runs it
     assert victim.exists()
@@ -619,6 +655,7 @@ def _train_arm(arm, steps=100, seed=0, skew=0.5):
     return max_vio(torch.stack(recent).sum(0)).mean().item(), start
 
 
+@pytest.mark.full
 def test_bias_arm_balances_a_skewed_router():
     vio_none, start_none = _train_arm("none")
     vio_bias, _ = _train_arm("bias")
@@ -635,6 +672,7 @@ def test_bench_ceiling_runs_the_router_in_float32_like_the_layer():
     assert set(dtypes.values()) == {torch.bfloat16}
 
 
+@pytest.mark.full
 def test_bench_tiny_preset_writes_its_rows(tmp_path):
     out = tmp_path / "bench.json"
     res = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--preset=tiny",
@@ -660,3 +698,49 @@ def test_bench_tiny_preset_writes_its_rows(tmp_path):
         assert abs(sum(p["kinds"].values()) - 1) < 1e-6 and p["kinds"]["matmul"] > 0.2
         ms = [e["ms"] for e in p["top"]]
         assert ms == sorted(ms, reverse=True) and sum(ms) <= p["ms"] * (1 + 1e-6)
+
+
+# ------------------------------------------------------------------------------ layout
+def project_imports():
+    """{module: the project modules it imports}, read from the source of every project file."""
+    import ast
+    mods = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith("test_")
+            and f != "conftest.py"}
+    graph = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(HERE, m + ".py")).read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                 for a in n.names} | {n.module.split(".")[0] for n in ast.walk(tree)
+                                      if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] = names & mods - {m}
+    return graph
+
+
+def test_no_two_modules_import_each_other_directly_or_in_a_loop():
+    graph, cycles = project_imports(), []
+    def visit(m, path):
+        for n in graph[m]:
+            if n in path:
+                cycles.append(path[path.index(n):] + [n])
+            else:
+                visit(n, path + [n])
+    for m in graph:
+        visit(m, [m])
+    assert graph["study"] and not cycles, cycles
+
+
+def test_import_bench_loads_nothing_of_training_or_distributed_checkpoints():
+    """bench.py times the layer: it must not drag in train.py, parallel.py or torch's
+    distributed checkpoint. (torch._dynamo itself, which any compile needs, imports FSDP and
+    DTensor modules in torch 2.13: bench.py may load those, and no more of them.)"""
+    probe = ("import sys, warnings; warnings.filterwarnings('ignore'); sys.path.insert(0, {!r})\n"
+             "import torch._dynamo\n"
+             "dynamo = {{m for m in sys.modules if 'fsdp' in m or 'distributed.tensor' in m}}\n"
+             "import bench\n"
+             "extra = [m for m in sys.modules if m in ('train', 'parallel') or 'checkpoint.state_dict' in m"
+             " or m.startswith('torch.distributed.checkpoint') or (('fsdp' in m or 'distributed.tensor' in m)"
+             " and m not in dynamo)]\n"
+             "print(extra)").format(HERE)
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == "[]"
