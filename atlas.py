@@ -30,7 +30,7 @@ from data import load_checkpoint, stdlib_files
 from display import class_heatmap, routed_snippet, save_atlas
 from model import GPT
 from moe import MoE
-from startup import HERE, auto_dtype, default_settings, resolve_device, run_to_its_end, stamp
+from startup import HERE, default_settings, resolve_device, run_to_its_end, stamp
 
 
 CLASSES = ("names", "keywords", "operators", "numbers", "strings", "comments", "whitespace",
@@ -195,9 +195,9 @@ def experts_study(ckpt_path, control, out_dir, max_bytes, n_seeds=1, shuffles=3)
                       train_like(ckpt, os.path.join(sub, "random_router"),
                                  f"seed {seed}, random-router control", seed=seed,
                                  freeze_router=True)))
-    dev, dtype = resolve_device(ckpt["config"]["device"]), ckpt["config"]["dtype"]
-    ctx = torch.autocast(dev.split(":")[0], torch.bfloat16,
-                         enabled=(auto_dtype(dev)[0] if dtype == "auto" else dtype) == "bfloat16")
+    dev = resolve_device(ckpt["config"]["device"])
+    dtype = {"auto": "float32"}.get(ckpt["config"]["dtype"], ckpt["config"]["dtype"])  # old files
+    ctx = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype == "bfloat16")
     files = stdlib_files()["val"]  # the val split of data="stdlib", file by file
     E = model.cfg.moe.n_routed_experts
     with Progress(*Progress.get_default_columns(), console=console) as progress:

@@ -45,12 +45,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from display import bench_table
 from model import GPT, presets as model_presets
 from moe import MoE, MoEConfig, max_vio, update_bias
-from startup import auto_dtype, default_settings, parse_overrides, resolve_device
+from startup import auto_dtype, default_settings, parse_overrides, resolve_device, stamp
 
 # ----------------------------------------------------------------------------- settings
 preset = ""                  # "" = "gpu" on a GPU, else "cpu"; a key of `presets`
 device = "auto"              # "auto", "cpu", "cuda", "cuda:1", ...
-dtype = "auto"               # "auto" (train.py's choice for the device), "bfloat16", "float32"
+dtype = "auto"               # "auto" (as train.py decides, on the train pass's model), "bfloat16", "float32"
 cases = "small:4096"         # comma-separated layer:tokens, layers from `layers`
 routings = "real,balanced,skewed"
 dispatches = "grouped,loop"  # grouped first, always: a time limit cuts the baseline
@@ -113,7 +113,9 @@ def configure(argv):
         fail(f"--model={model!r}: expected one of {', '.join(model_presets)}")
     if dtype not in ("auto", "bfloat16", "float32"):
         fail(f"--dtype={dtype!r}: expected auto, bfloat16 or float32")
-    name, _dtype_reason = auto_dtype(dev) if dtype == "auto" else (dtype, "--dtype")
+    probe = GPT(model_presets[model]) if dtype == "auto" and dev == "cpu" else None  # timed
+    name, _dtype_reason = (auto_dtype(dev, probe, min(batch_size, 4))
+                           if dtype == "auto" else (dtype, "--dtype"))
     _dtype = getattr(torch, name)
     for key, valid in (("cases", [f"{n}:TOKENS" for n in layers]),
                        ("passes", ["fwd", "fwd+bwd", "train"]),
@@ -384,6 +386,7 @@ def main():
     header = dict(command=" ".join(["python bench.py", *sys.argv[1:]]), device=name,
                   torch=torch.__version__, dtype=str(_dtype).removeprefix("torch."),
                   dtype_reason=_dtype_reason, settings={k: globals()[k] for k in _settings})
+    header["stamp"] = stamp(device, header["dtype"])
     console.print(f"{header['command']} (preset {preset}) on {name}, torch {torch.__version__}, "
                   f"{header['dtype']} ({_dtype_reason})", highlight=False, soft_wrap=True)
     n_layer_passes = sum(p != "train" for p in passes)
@@ -404,9 +407,12 @@ def main():
     save(rows, peak, header, complete=True)
     console.print(f"dense {header['dtype']} peak {peak / 1e12:.2f} TFLOP/s; "
                   f"{time.perf_counter() - started:.0f} s", highlight=False)
-    bench_table(rows, _profiles, console)
+    md = bench_table(rows, _profiles, console, header["stamp"])
     if json:
-        console.print(f"wrote {len(rows)} rows to {json}")
+        with open(json.removesuffix(".json") + ".md", "w") as fh:
+            fh.write(md)
+        console.print(f"wrote {len(rows)} rows to {json}, the table to "
+                      f"{json.removesuffix('.json')}.md")
 
 
 if __name__ == "__main__":

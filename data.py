@@ -20,6 +20,7 @@ number of windows, then a window inside it, and it makes the batches a function 
 generator's state alone: a resumed run restores the state and draws the same batches.
 """
 import glob
+import json
 import mmap
 import os
 import pickle
@@ -51,6 +52,16 @@ def load_checkpoint(path):
         what = re.search(r"GLOBAL [\w.]+", str(e))
         sys.exit(f"{path}: refused, it holds a pickled Python object "
                  f"({what.group(0) if what else 'not only tensors'}); only load files you trust")
+
+
+def truncate_log(path, last_iter):
+    """Keep the rows of a log.jsonl up to iteration last_iter: a resumed run writes the later
+    ones again. Atomically, like a checkpoint."""
+    if os.path.exists(path):
+        rows = [r for r in open(path) if json.loads(r)["iter"] <= last_iter]
+        with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+            f.writelines(rows)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def stdlib_files():
@@ -123,13 +134,17 @@ def bin_tokens(pattern):
     files = sorted(glob.glob(pattern))
     if not files:
         sys.exit(f"data={pattern!r} matches no files")
+    shards = {f: read_shard(f) for f in files}  # each checked: header, length
     val = [f for f in files if "val" in os.path.basename(f)]
     if val == files:  # training on them would make the val loss meaningless
         sys.exit(f"data={pattern!r} matches only val shards ({len(val)}); match the train "
                  "shards too")
+    if len(files) == 1:  # it would be both splits: the val loss would measure memorising
+        sys.exit(f"data={pattern!r} is one .bin file, which would serve as both train and val; "
+                 "add a val shard (a file with 'val' in its name) or more train shards")
     val = val or files[-1:]
-    train = [f for f in files if f not in val] or val
-    return {"train": [read_shard(f) for f in train], "val": [read_shard(f) for f in val]}
+    train = [f for f in files if f not in val]
+    return {"train": [shards[f] for f in train], "val": [shards[f] for f in val]}
 
 
 def load_data(spec, cache_dir, block):
@@ -154,9 +169,11 @@ def n_windows(shards, L):
     return torch.tensor([max(0, len(s) - L) for s in shards])
 
 
-def get_batch(shards, gen, B, L, dev):
+def get_batch(shards, gen, B, L, dev, vocab_size=0):
     """B random windows of L+1 tokens, each inside one shard -> inputs, targets (B, L) int64.
-    On CUDA the batch goes through pinned memory, so the copy does not block the host."""
+    A token id outside vocab_size (if given) ends the run with one line, checked here on the
+    CPU: on a GPU it would be a device-side assert. On CUDA the batch goes through pinned
+    memory, so the copy does not block the host."""
     counts = n_windows(shards, L)
     ends = counts.cumsum(0)                                             # (n_shards,)
     i = torch.randint(int(ends[-1]), (B,), generator=gen)               # a window of all shards
@@ -164,6 +181,9 @@ def get_batch(shards, gen, B, L, dev):
     start = i - (ends[shard] - counts[shard])                           # (B,) inside that shard
     xy = torch.stack([shards[s][j:j + L + 1] for s, j in zip(shard.tolist(), start.tolist())])
     xy = xy.long()
+    if vocab_size and int(xy.max()) >= vocab_size:
+        sys.exit(f"token id {int(xy.max())} in the data, but the model's vocabulary holds "
+                 f"{vocab_size} ids: set --vocab_size above the largest id (GPT-2 tokens: 50304)")
     if torch.device(dev).type == "cuda":
         xy = xy.pin_memory().to(dev, non_blocking=True)
     else:

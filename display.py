@@ -101,21 +101,23 @@ def summary_table(summary, dev, seconds):
     for k in ("loss", "val_loss", "maxvio_global", "tokens_per_s", "mfu"):
         if k in summary:
             v = summary[k]
-            table.add_row(k, f"{v:,.4f}" if isinstance(v, float) else str(v))
+            table.add_row(k, f"{v:,.0f}" if k == "tokens_per_s" else
+                          f"{v:,.4f}" if isinstance(v, float) else str(v))
     if dev.startswith("cuda"):
         table.add_row("peak GPU memory", f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")
     table.add_row("time", f"{seconds:.0f} s")
     return table
 
 
-def bench_table(rows, profiles, console):
-    """bench.py's rows as one table, the MoE tax lines, then each profile's top ops."""
+def bench_table(rows, profiles, console, stamp=""):
+    """bench.py's rows as one table under the run's stamp, the MoE tax lines, then each
+    profile's top ops. Returns the stamp, table and tax lines as markdown, for docs/."""
     cols = {"case": "", "routing": "", "dispatch": "", "mode": "", "pass": "", "ms": ".2f",
             "compile s": ".1f", "tok/s": ",.0f", "TFLOP/s": ".3f", "ceiling": ".2f",
             "% peak": ".0f", "x eager": ".2f", "x loop": ".2f", "GiB": ".2f"}
     if all(r["peak_mem_gib"] is None for r in rows):
         del cols["GiB"]  # no allocator statistics on a CPU
-    table = Table()
+    table, cells = Table(), []
     for col, spec in cols.items():
         table.add_column(col, justify="right" if spec else "left")
     for r in rows:
@@ -123,12 +125,18 @@ def bench_table(rows, profiles, console):
         values = [r["case"], r["routing"] + vio, r["dispatch"], r["mode"], r["pass"], r["ms"],
                   r["compile_s"], r["tokens_per_s"], r["tflops"], r["ceiling_ratio"],
                   100 * r["peak_frac"], r["speedup_compiled"], r["speedup_grouped"],
-                  r["peak_mem_gib"]]
-        table.add_row(*["" if v is None else format(v, f) for v, f in zip(values, cols.values())])
+                  r["peak_mem_gib"]][:len(cols)]
+        cells.append(["" if v is None else format(v, f) for v, f in zip(values, cols.values())])
+        table.add_row(*cells[-1])
+    if stamp:
+        console.print(stamp, highlight=False, markup=False, soft_wrap=True)
     console.print(table)
-    for r in (r for r in rows if r["pass"] == "train" and r["dispatch"] != "ceiling"):
-        console.print(f"MoE tax, {r['case']} {r['mode']}: MoE tokens/s / dense tokens/s = "
-                      f"{r['ceiling_ratio']:.2f}", highlight=False)
+    tax = [f"MoE tax, {r['case']} {r['mode']}: MoE tokens/s / dense tokens/s = "
+           f"{r['ceiling_ratio']:.2f}" for r in rows if r["pass"] == "train" and r["dispatch"] != "ceiling"]
+    for line in tax:
+        console.print(line, highlight=False)
+    md = ([stamp, ""] if stamp else []) + ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    md += ["| " + " | ".join(c) + " |" for c in cells] + ([""] + tax if tax else [])
     for what, p in profiles.items():
         kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in p["kinds"].items())
         console.print(f"profile of {what}: {p['ms']:.2f} ms of self time per call; {kinds}",
@@ -140,6 +148,7 @@ def bench_table(rows, profiles, console):
             table.add_row(e["name"][:90], f"{e['calls']:g}", f"{e['ms']:.2f}",
                           f"{100 * e['share']:.1f}")
         console.print(table)
+    return "\n".join(md) + "\n"
 
 
 def switch_table(routings):

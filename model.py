@@ -199,6 +199,22 @@ class GPT(nn.Module):
         self.train(was_training)
         return idx
 
+    def count_eval_loads(self) -> torch.Tensor:
+        """(n_moe_layers, E) int64 counts of the experts each MoE layer picks in eval-mode
+        forwards (train.py's val heatmaps), added by a forward hook on every gate. Static
+        shapes, so it compiles into the same graph; nothing is counted in training, where MoE
+        itself counts for the bias. Zero it before each evaluation."""
+        gates = [m.gate for m in self.modules() if isinstance(m, MoE)]
+        loads = torch.zeros(len(gates), self.cfg.moe.n_routed_experts if gates else 0,
+                            dtype=torch.long, device=self.head.weight.device)
+        def count(i, gate, out):  # out = (weights, indices, scores) of gate i
+            if not gate.training:
+                picked = out[1].flatten()
+                loads[i].index_add_(0, picked, torch.ones_like(picked))
+        for i, g in enumerate(gates):
+            g.register_forward_hook(lambda gate, inp, out, i=i: count(i, gate, out))
+        return loads
+
     def num_params(self, active: bool = False) -> int:
         """Parameters, without the embedding table (a lookup, not a matmul). With active=True,
         only the K of E routed experts a token uses count: what a token actually costs."""

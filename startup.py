@@ -7,10 +7,11 @@ dtype="auto" picks, the GPU's peak FLOP/s, and the stamp above every results tab
 Nothing here imports torch.distributed's FSDP, DTensor or checkpoint modules: bench.py and the
 studies load this file, not train.py.
 """
-import math
+import copy
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -83,35 +84,49 @@ def cpu_flags():
         return set()
 
 
-def cpu_matmul_tflops(dtype, n=512, reps=10):
-    """TFLOP/s of an n x n matmul in dtype on this CPU: the best of reps, after one warm-up."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = math.inf
-    for _ in range(reps):
+def model_step_ms(model, batch_size, seq_len, reps=3):
+    """Milliseconds of one eager training step (forward, backward, AdamW: the weights move, as
+    in training) of a copy of model on random tokens, under bf16 autocast and in fp32: the
+    median of reps each, alternating, after a warm-up of each. The model itself, its gradients
+    and its expert counts stay untouched."""
+    probes = {bf16: copy.deepcopy(model).train() for bf16 in (True, False)}
+    optimizers = {bf16: torch.optim.AdamW(m.parameters()) for bf16, m in probes.items()}
+    x = torch.randint(0, model.cfg.vocab_size, (batch_size, seq_len + 1),
+                      generator=torch.Generator().manual_seed(0))
+    def once(bf16):
         start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e12
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = probes[bf16](x[:, :-1], x[:, 1:])[1]
+        loss.backward()
+        optimizers[bf16].step()
+        optimizers[bf16].zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+    once(True), once(False)
+    times = {True: [], False: []}
+    for _ in range(reps):
+        for bf16 in times:
+            times[bf16].append(once(bf16))
+    return {"bfloat16": 1e3 * statistics.median(times[True]),
+            "float32": 1e3 * statistics.median(times[False])}
 
 
-def auto_dtype(dev):
+def auto_dtype(dev, model=None, batch_size=8):
     """The autocast dtype for dtype="auto" on device dev, and the reason, for the start-up line.
-    On a CPU with bf16 instructions, whichever of bf16 and fp32 multiplies faster, timed now
-    (~50 ms): flags alone mislead. bench.py, 2 cores each: an EPYC with AVX512-BF16, bf16 peak
-    0.42 TFLOP/s against fp32's 0.18, the cpu preset's step at the same speed in both; a Xeon
-    with AVX512-BF16 but no AMX, bf16 0.14 against fp32 0.26, the step 2.3x faster in fp32."""
+    On a CPU with bf16 instructions, the faster of the two on what the model runs: a training
+    step of it (batch_size sequences), timed now in about a second. Neither the flags nor a
+    square matmul predict it: on 2 Xeon cores with AVX512-BF16 but no AMX, bf16 matmuls run at
+    half fp32's speed; on 2 EPYC cores with AVX512-BF16 at twice, yet the cpu preset trains
+    faster in fp32 there too, eager and compiled (docs/training.md)."""
     if dev.startswith("cuda"):
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bfloat16", "this GPU has bf16 tensor cores"
         return "float32", "this GPU has no bf16 support"
     if not cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX512-BF16 / AMX, Arm BF16
         return "float32", "this CPU has no native bf16 matmul (bf16 would be emulated, ~3x slower)"
-    bf16, fp32 = cpu_matmul_tflops(torch.bfloat16), cpu_matmul_tflops(torch.float32)
-    speeds = f"{bf16:.2f} vs {fp32:.2f} TFLOP/s in bf16 vs fp32, timed now"
-    if bf16 > fp32:
-        return "bfloat16", f"this CPU multiplies bf16 faster ({speeds})"
-    return "float32", f"this CPU multiplies fp32 faster, bf16 instructions and all ({speeds})"
+    ms = model_step_ms(model, batch_size, model.cfg.block_size)
+    name = "bfloat16" if ms["bfloat16"] < ms["float32"] else "float32"
+    return name, (f"a training step of this model took {ms['bfloat16']:.0f} ms in bf16 and "
+                  f"{ms['float32']:.0f} ms in fp32, timed now")
 
 
 def agree_on_dtype(name, why, dev):
@@ -124,6 +139,27 @@ def agree_on_dtype(name, why, dev):
     if name == "bfloat16" and not vote.item():
         return "float32", "some rank multiplies fp32 faster; all ranks use one dtype"
     return name, why
+
+
+def matmul_precision(dev, dtype):
+    """On CUDA in fp32, TF32 tensor cores for matmuls (10-bit mantissa: the router's logits too);
+    returns the note for the start-up line. Elsewhere nothing changes."""
+    if not dev.startswith("cuda") or dtype != "float32":
+        return ""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return ", TF32 matmuls"
+
+
+def check_compiler(dev):
+    """torch.compile builds C++ on a CPU: without a compiler, one line, not inductor's traceback."""
+    if dev.startswith("cuda"):
+        return
+    from torch._inductor import cpp_builder, exc
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        sys.exit("--compile=True on a CPU needs a C++ compiler (g++, or $CXX), and none was "
+                 "found: install one, or run with --compile=False")
 
 
 def run_to_its_end(cmd, out, after_ctrl_c=""):

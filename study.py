@@ -182,6 +182,7 @@ def groups_study(ckpt_path, batches=20, batch_size=8):
                   "groups per token, no limit: mean", "max", f"limit {M}: mean", "max")
     for i, s in enumerate(stats):
         table.add_row(f"MoE {i}", *(f"{v:.2f}" for v in s))
+    Console().print(stamp("cpu", "float32"), highlight=False, markup=False, soft_wrap=True)
     Console().print(table, f"The limit sends a token to {limited:.2f} groups on average instead "
                     f"of {free:.2f}: {100 * (1 - limited / free):.0f}% less dispatch traffic.")
     return free, limited
@@ -254,6 +255,7 @@ def traffic_study():
     R = dist.get_world_size()
     rows = [(n, lim, traffic(n, lim)) for n in (R, R // 2) for lim in (True, False)]
     if dist.get_rank() == 0:
+        print(stamp("cpu", "bfloat16") + "\n")
         print(f"{R} gloo ranks; 16 experts, top-4; bf16 rows of 256: bytes per token to other "
               "ranks, measured and from the formula\n\n| nodes x ranks | router | copies to "
               "other ranks | to other nodes | other nodes reached | dispatch B/token | formula "
@@ -339,6 +341,7 @@ def main():
     settings.update(parse_overrides(passthrough, {**train.default_settings(vars(train)), **settings}))
     out_dir = args["out_dir"] or os.path.join("out", {"balance": "study"}.get(args["study"], args["study"]))
     if args["study"] == "switch":
+        Console().print(stamp("cpu", "float32"), highlight=False, markup=False, soft_wrap=True)
         Console().print(switch_table(switch_counterexample()))
     if study == "balance":  # --seeds: 1 for balance, 3 for arch unless given
         balance_study(chosen, settings, out_dir, args["seeds"] or 1)
@@ -480,7 +483,9 @@ def arch_study(chosen, settings, out_dir, n_seeds):
                         "of dense")
     table = Table(title=f"architecture study: {base} preset, {settings['max_iters']} steps of "
                         f"{step_tokens} tokens, seeds {seeds} (mean ± half the range)")
-    save_table(console, table, cols, rows, notes, out_dir, record)
+    dtype = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"]["dtype"]
+    save_table(console, table, cols, rows, notes, out_dir, {**record, "dtype": dtype},
+               stamp(resolve_device(settings.get("device", "auto")), dtype))
     for x, label in (("tokens", "training tokens (M)"), ("seconds", "training seconds")):
         plot_svg([(arm, COLOURS.get(arm, "#888888"), [(p[x], p["val_loss"]) for p in r["curve"]])
                   for arm in chosen for r in runs[arm]],

@@ -29,7 +29,7 @@ seen.clear()  # an FSDP model holds its process group
 {after}
 """
 SAME_GLOBAL_BATCH = """calls = [0]
-def batch(shards, gen, B, L, dev):  # one global batch of 8 per call; each rank takes its part
+def batch(shards, gen, B, L, dev, vocab_size=0):  # one global batch of 8 per call, in parts
     g = torch.Generator().manual_seed(1000 + calls[0])
     calls[0] += 1
     xy = torch.randint(0, 256, (8, L + 1), generator=g).view(world, -1, L + 1)[rank]
@@ -115,7 +115,7 @@ def test_ranks_that_time_different_faster_dtypes_all_train_in_fp32(tmp_path, tex
     rank 0 finds bf16 faster, rank 1 fp32. One dtype for all, fp32, or their models diverge."""
     res = run_probe(tmp_path, f"--data={text_file}", "--max_iters=1", "--eval_interval=1",
                     "--eval_sample=False", "--dtype=auto", torchrun=True, before="""startup.cpu_flags = lambda: {"avx512_bf16"}
-startup.cpu_matmul_tflops = lambda d: 2.0 if (d == torch.bfloat16) == (rank == 0) else 1.0""")
+startup.model_step_ms = lambda *a: {"bfloat16": 10.0 if rank == 0 else 100.0, "float32": 50.0}""")
     assert "float32 (some rank multiplies fp32 faster" in " ".join(res.stdout.split())
 
 
@@ -241,3 +241,35 @@ def test_compiled_fsdp_keeps_its_hooks_outside_the_graphs(tmp_path, text_file):
     b0, b1 = saved_biases(tmp_path, 0), saved_biases(tmp_path, 1)
     assert all(b.abs().sum() > 0 for b in b0) and all(map(torch.equal, b0, b1))
     GPT(presets["tiny"]).load_state_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"])
+
+
+def test_a_stop_from_torchrun_saves_on_every_rank_at_one_step(tmp_path, text_file):
+    """SIGTERM to torchrun, as a scheduler sends it: the launcher passes it on to its ranks,
+    which finish the step they are in, agree on it, and save one loadable checkpoint. No
+    evaluation comes before, so the checkpoint can only be that save."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(HERE, "train.py"), "--preset=tiny", "--compile=False", "--batch_size=4",
+           "--dtype=float32", "--heatmap_svg=False", "--eval_sample=False", f"--data={text_file}",
+           "--max_iters=100000", "--eval_interval=100000", "--log_interval=1",
+           f"--out_dir={tmp_path}"]
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        log, deadline = tmp_path / "log.jsonl", time.time() + 120
+        while not (log.exists() and len(log.read_text().splitlines()) >= 3):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "out.txt").read_text()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = (tmp_path / "out.txt").read_text()
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    assert ckpt["iter"] >= 3 and f"stopped by SIGTERM at iter {ckpt['iter']}" in " ".join(text.split())
+    GPT.from_checkpoint(ckpt)  # loadable, strict: every key
+    assert len(ckpt["data_rng"]) == 2  # both ranks' data positions: they all took part

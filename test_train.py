@@ -22,6 +22,7 @@ from model import GPT, GPTConfig, presets
 from moe import MLP, MoE, MoEConfig, max_vio, update_bias
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+TRAIN_DEFAULTS = startup.default_settings(vars(train))  # before any in-process run changes them
 
 
 def tiny_model(**moe):
@@ -72,7 +73,7 @@ def run_train(out_dir, *args, torchrun=False):
 def run_main(monkeypatch, out_dir, *args):
     """train.main() in this process, its settings restored afterwards; returns the loads of
     every update_bias call (one a step)."""
-    for key, value in startup.default_settings(vars(train)).items():
+    for key, value in TRAIN_DEFAULTS.items():  # as a new process would start
         monkeypatch.setattr(train, key, value)
     loads, real = [], train.update_bias
     monkeypatch.setattr(train, "update_bias", lambda model, gamma=None: loads.append(
@@ -81,11 +82,12 @@ def run_main(monkeypatch, out_dir, *args):
                                       "--eval_iters=2", "--heatmap_svg=False", "--dtype=float32",
                                       "--eval_sample=False",
                                       f"--out_dir={out_dir}", *args])
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         train.main()
     finally:
-        signal.signal(signal.SIGINT, handler)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return loads
 
 
@@ -279,9 +281,9 @@ def test_no_evaluation_means_no_checkpoint_and_the_gpu_preset_trains_at_1e3(monk
     assert not (tmp_path / "ckpt.pt").exists() and train.learning_rate == 3e-3
     assert [r["iter"] for r in map(json.loads, open(tmp_path / "log.jsonl"))] == [2]
     monkeypatch.setattr(sys, "argv", ["train.py", "--preset=gpu"])
-    assert train.configure()["learning_rate"] == 1e-3
+    assert train.configure()[0]["learning_rate"] == 1e-3
     monkeypatch.setattr(sys, "argv", ["train.py", "--preset=gpu", "--learning_rate=2e-3"])
-    assert train.configure()["learning_rate"] == 2e-3
+    assert train.configure()[0]["learning_rate"] == 2e-3
 
 
 def test_learning_rate_schedule(monkeypatch):
@@ -394,7 +396,8 @@ def test_shard_windows_read_their_own_pages_not_the_kernels_read_around(tmp_path
                                           ("no files", "matches no files"),
                                           ("empty file", "too short for the 1024-byte header"),
                                           ("missing", "no such file"),
-                                          ("short split", "too few for block_size=16")])
+                                          ("short split", "too few for block_size=16"),
+                                          ("one file", "one .bin file, which would serve as both")])
 def test_bad_data_gets_a_clear_error(tmp_path, kind, message):
     spec = str(tmp_path / "x_*.bin")
     if kind == "magic":
@@ -413,6 +416,8 @@ def test_bad_data_gets_a_clear_error(tmp_path, kind, message):
         write_shard(tmp_path / "x_val.bin", [1] * 10)
     elif kind == "missing":
         spec = str(tmp_path / "nothing.txt")
+    elif kind == "one file":
+        write_shard(tmp_path / "x_0.bin", list(range(100)))
     with pytest.raises(SystemExit, match=message):
         data.load_data(spec, str(tmp_path), 16)
 
@@ -432,7 +437,7 @@ def test_overrides_are_typed_and_unknown_keys_refused():
 @pytest.mark.full
 def test_compiled_evaluation_counts_val_loads_and_not_training_counts():
     model, K = tiny_model(), presets["tiny"].moe.n_activated_experts
-    loads = train.eval_load_counter(model, "cpu")
+    loads = model.count_eval_loads()
     corpus = torch.tensor(list(b"def f(x):\n    return x * 2 + 1\n" * 50))
     model(corpus[None, :64], corpus[None, 1:65])  # training mode: the hooks count nothing
     assert loads.sum() == 0
@@ -576,22 +581,31 @@ def test_missing_gpu_ends_with_one_line(monkeypatch, tmp_path):
     assert "--device=cuda: no usable CUDA GPU here" in str(stop.value.code)
 
 
-@pytest.mark.parametrize("flags, bf16_faster, expected", [
-    ({"avx2", "avx512f"}, True, "float32"), (set(), True, "float32"),  # bf16 emulated: never
-    ({"avx512f", "avx512_bf16"}, True, "bfloat16"), ({"amx_bf16"}, True, "bfloat16"),
-    ({"avx512f", "avx512_bf16"}, False, "float32")])  # instructions, yet fp32 faster (measured)
-def test_auto_dtype_on_a_cpu_is_bf16_only_where_it_multiplies_faster_than_fp32(
-        monkeypatch, flags, bf16_faster, expected):
+@pytest.mark.parametrize("flags, ms_bf16, expected", [
+    ({"avx2", "avx512f"}, 10, "float32"), (set(), 10, "float32"),  # bf16 would be emulated
+    ({"avx512f", "avx512_bf16"}, 50, "bfloat16"), ({"amx_bf16"}, 50, "bfloat16"),
+    ({"avx512f", "avx512_bf16"}, 120, "float32")])  # bf16 instructions, yet fp32 trains faster
+def test_auto_dtype_on_a_cpu_takes_bf16_where_the_model_trains_faster_in_it(
+        monkeypatch, flags, ms_bf16, expected):
     monkeypatch.setattr(startup, "cpu_flags", lambda: flags)
-    speed = {torch.bfloat16: 2.0 if bf16_faster else 0.5, torch.float32: 1.0}
-    monkeypatch.setattr(startup, "cpu_matmul_tflops", lambda dtype: speed[dtype])
-    assert startup.auto_dtype("cpu")[0] == expected
+    monkeypatch.setattr(startup, "model_step_ms",
+                        lambda *a: {"bfloat16": ms_bf16, "float32": 100.0})
+    name, why = startup.auto_dtype("cpu", tiny_model(), 2)
+    assert name == expected
+    if flags & {"avx512_bf16", "amx_bf16"}:  # both figures on the start-up line
+        assert f"{ms_bf16} ms in bf16 and 100 ms in fp32" in why
 
 
-def test_cpu_matmul_tflops_is_the_flops_of_a_square_matmul_over_its_best_time(monkeypatch):
-    clock = iter([0.0, 0.5, 1.0, 1.25, 2.0, 3.0])  # calls of 0.5, 0.25 and 1.0 s: best 0.25
-    monkeypatch.setattr(startup.time, "perf_counter", lambda: next(clock))
-    assert startup.cpu_matmul_tflops(torch.float32, n=8, reps=3) == 2 * 8 ** 3 / 0.25 / 1e12
+def test_model_step_ms_times_training_steps_in_both_dtypes_and_leaves_the_model_alone(monkeypatch):
+    model, seen = tiny_model(), []
+    model.register_forward_pre_hook(lambda m, a: seen.append((m.training, torch.is_autocast_enabled("cpu"))))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ms = startup.model_step_ms(model, 2, 16, reps=2)
+    assert set(ms) == {"bfloat16", "float32"} and min(ms.values()) > 0
+    assert sorted(set(seen)) == [(True, False), (True, True)] and len(seen) == 2 * 3
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_startup_line_names_the_dtype_and_why(monkeypatch, capsys, tmp_path, text_file):
@@ -744,3 +758,100 @@ def test_import_bench_loads_nothing_of_training_or_distributed_checkpoints():
     res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert res.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------ a run's life
+def test_resume_continues_the_same_run_with_its_own_settings(monkeypatch, capsys, tmp_path,
+                                                             text_file):
+    """A run with its own settings, whose last checkpoint (iter 2) is older than its log (4
+    rows): resumed with only --init_from=resume and a new max_iters, it goes on with the
+    checkpoint's settings, says what the command line changed, and logs each step once."""
+    first = [f"--data={text_file}", "--batch_size=2", "--learning_rate=2e-3", "--balance=bias",
+             "--max_iters=4", "--eval_interval=2", "--log_interval=1"]
+    real_save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint",  # as if it had died after iter 4, unsaved
+                        lambda path, model, opt, it, *a: it > 2 or real_save(path, model, opt, it, *a))
+    run_main(monkeypatch, tmp_path, *first)
+    monkeypatch.setattr(train, "save_checkpoint", real_save)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 2
+    capsys.readouterr()
+    run_main(monkeypatch, tmp_path, "--init_from=resume", "--max_iters=6")
+    assert (train.batch_size, train.learning_rate, train.balance, train.data, train.max_iters,
+            train.seq_aux_alpha) == (2, 2e-3, "bias", text_file, 6, 0.0)
+    assert "max_iters=6 (was 4)" in " ".join(capsys.readouterr().out.split())
+    config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
+    assert (config["batch_size"], config["learning_rate"], config["max_iters"]) == (2, 2e-3, 6)
+    steps = [r["iter"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(monkeypatch, capsys, tmp_path,
+                                                               text_file):
+    """What schedulers and `kill` send is handled like Ctrl-C: here it arrives during step 2."""
+    real, calls = train.train_step, []
+    def step(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+    monkeypatch.setattr(train, "train_step", step)
+    def unhandled(*_):
+        raise AssertionError("SIGTERM reached the test's handler: train.py ignored it")
+    before = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=50",
+                 "--eval_interval=50")
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 2 and len(calls) == 2
+    assert "stopped by SIGTERM at iter 2" in " ".join(capsys.readouterr().out.split())
+
+
+def write_bin_pair(folder, train_ids, val_ids):
+    write_shard(folder / "d_train.bin", train_ids)
+    write_shard(folder / "d_val.bin", val_ids)
+    return str(folder / "d_*.bin")
+
+
+def test_token_ids_past_the_vocabulary_end_the_run_with_one_line(monkeypatch, tmp_path):
+    spec = write_bin_pair(tmp_path, [300] * 2000, [300] * 2000)  # GPT-2 ids, bytes vocab
+    with pytest.raises(SystemExit) as stop:
+        run_main(monkeypatch, tmp_path, f"--data={spec}", "--max_iters=1")
+    message = str(stop.value.code)
+    assert len(message.splitlines()) == 1 and "--vocab_size" in message and "300" in message
+    ok = data.load_data(write_bin_pair(tmp_path, [255] * 200, [1] * 200), str(tmp_path), 16)
+    x, y = data.get_batch(ok["train"], torch.Generator(), 2, 16, "cpu", vocab_size=256)
+    assert x.max() == 255  # the largest id that fits passes
+
+
+def test_tf32_matmuls_in_fp32_on_cuda_only():
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [f.allow_tf32 for f in flags]  # global switches: restored for the other tests
+    try:
+        for f in flags:
+            f.allow_tf32 = False
+        assert startup.matmul_precision("cpu", "float32") == ""
+        assert startup.matmul_precision("cuda", "bfloat16") == ""
+        assert not any(f.allow_tf32 for f in flags)
+        assert startup.matmul_precision("cuda:1", "float32") == ", TF32 matmuls"
+        assert all(f.allow_tf32 for f in flags)
+    finally:
+        for f, was in zip(flags, before):
+            f.allow_tf32 = was
+
+
+def test_compile_without_a_cpp_compiler_ends_with_one_line(monkeypatch, tmp_path, text_file):
+    from torch._inductor import config
+    monkeypatch.setattr(config.cpp, "cxx", ("/nonexistent/g++",))
+    with pytest.raises(SystemExit) as stop:
+        run_main(monkeypatch, tmp_path, f"--data={text_file}", "--compile=True", "--max_iters=1")
+    assert len(str(stop.value.code).splitlines()) == 1 and "--compile=False" in str(stop.value.code)
+
+
+def test_summary_rounds_tokens_per_second():
+    from rich.console import Console
+    from display import summary_table
+    console = Console(record=True, width=80)
+    console.print(summary_table({"loss": 1.23456, "tokens_per_s": 10452.8047}, "cpu", 3.0))
+    text = console.export_text()
+    assert "10,453" in text and "10,452.8" not in text and "1.2346" in text

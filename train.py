@@ -29,12 +29,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 import parallel
-from data import atomic_save, get_batch, load_checkpoint, load_data
+from data import atomic_save, get_batch, load_checkpoint, load_data, truncate_log
 from display import show_eval, summary_table
 from model import GPT, presets
 from moe import MoE, grouped_mm_path, max_vio, update_bias
 from sample import sample_text
-from startup import agree_on_dtype, auto_dtype, default_settings, parse_overrides, peak_flops
+from startup import (agree_on_dtype, auto_dtype, check_compiler, default_settings,
+                     matmul_precision, parse_overrides, peak_flops, stamp)
 
 # ----------------------------------------------------------------------------- settings
 out_dir = "out"
@@ -80,23 +81,31 @@ preset_settings = {  # defaults a preset changes, unless given (the arch study's
 
 
 def configure():
-    """Settings from the command line into this module's globals; the balancing arm fills in
-    gamma, alpha and the aux scope, and the preset its own defaults, unless they were given.
-    Returns all settings, for the checkpoint."""
+    """Settings into this module's globals: the command line's over, when resuming, the
+    checkpoint's own over the defaults above. An arm or preset fills in gamma, alpha and the
+    aux scope, or its own defaults, unless given; when resuming, only if named on the command
+    line. Returns all settings, the checkpoint (or None) and what the command line changed."""
     settings = default_settings(globals())
     given = parse_overrides(sys.argv[1:], settings)
+    ckpt, changed = None, {}
+    if given.get("init_from") == "resume":  # the same run goes on, as it was set up
+        ckpt = load_checkpoint(os.path.join(given.get("out_dir", out_dir), "ckpt.pt"))
+        saved = {k: v for k, v in ckpt["config"].items() if k in settings and k != "out_dir"}
+        changed = {k: (saved[k], v) for k, v in given.items()
+                   if k in saved and saved[k] != v and k != "init_from"}
+        globals().update(saved)
     globals().update(given)
     if balance not in arms:
         sys.exit(f"--balance={balance!r}: expected one of {', '.join(arms)}")
     if preset not in presets:
         sys.exit(f"--preset={preset!r}: expected one of {', '.join(presets)}")
-    for key, value in {**dict(zip(arms_keys, arms[balance])), **preset_settings.get(preset, {})}.items():
-        if key not in given:
-            globals()[key] = value
+    fill = {**(dict(zip(arms_keys, arms[balance])) if ckpt is None or "balance" in given else {}),
+            **(preset_settings.get(preset, {}) if ckpt is None or "preset" in given else {})}
+    globals().update({k: v for k, v in fill.items() if k not in given})
     if init_from not in ("scratch", "resume") or dtype not in ("auto", "bfloat16", "float32"):
         sys.exit(f"init_from={init_from!r} / dtype={dtype!r}: see the docstring for valid values")
     parallel.check(fsdp, ep, presets[preset].moe.n_routed_experts)
-    return {k: globals()[k] for k in settings}
+    return {k: globals()[k] for k in settings}, ckpt, changed
 
 
 def build_model(ckpt, dev):
@@ -138,32 +147,16 @@ def lr_at(it, decay_iters):
 
 
 # ----------------------------------------------------------------------------- evaluation
-def eval_load_counter(model, dev):
-    """(n_moe_layers, E) int64 counts of the experts each MoE layer picks in eval-mode forwards:
-    a forward hook on every gate adds its picks. Static shapes, so it compiles into the same
-    graph; it counts nothing in training, where MoE itself counts (for the bias)."""
-    gates = [m.gate for m in model.modules() if isinstance(m, MoE)]
-    loads = torch.zeros(len(gates), gates[0].cfg.n_routed_experts if gates else 0,
-                        dtype=torch.long, device=dev)
-    def count(i, gate, out):  # out = (weights, indices, scores) of gate i
-        if not gate.training:
-            picked = out[1].flatten()
-            loads[i].index_add_(0, picked, torch.ones_like(picked))
-    for i, g in enumerate(gates):
-        g.register_forward_hook(lambda gate, inp, out, i=i: count(i, gate, out))
-    return loads
-
-
 @torch.no_grad()
 def evaluate(model, loads, shards, B, L, dev, ctx, iters, seed, world=1):
     """Val loss (the ranks' mean: a non-finite one on any rank stops them all) and per-layer
     expert loads over the same val batches each time. In eval mode the model's own counts (so
-    the bias) never see val data; eval_load_counter's hooks count."""
+    the bias) never see val data; the hooks of GPT.count_eval_loads count."""
     model.eval()
     loads.zero_()
     gen, total = torch.Generator().manual_seed(seed), torch.zeros((), device=dev)
     for _ in range(iters):
-        x, y = get_batch(shards, gen, B, L, dev)
+        x, y = get_batch(shards, gen, B, L, dev, model.cfg.vocab_size)
         with ctx:
             total += model(x, y)[1]  # eval mode: aux_loss is 0, this is cross-entropy
     model.train()
@@ -177,7 +170,7 @@ def train_step(fwd, model, optimizer, shards, gen, ctx, dev, stop):
     CUDA, where torch has no fast grouped GEMM for this GPU and dtype, every grouped matmul
     syncs as well (moe.grouped_mm_path)."""
     for micro in range(gradient_accumulation_steps):
-        x, y = get_batch(shards, gen, batch_size, model.cfg.block_size, dev)
+        x, y = get_batch(shards, gen, batch_size, model.cfg.block_size, dev, model.cfg.vocab_size)
         parallel.sync_gradients(fwd, model, now=micro == gradient_accumulation_steps - 1)
         with ctx:
             _, loss, aux = fwd(x, y)
@@ -204,10 +197,10 @@ def save_checkpoint(path, model, optimizer, it, config, gen, dev, master):
 
 
 def main():
-    config = configure()
+    config, ckpt, changed = configure()
     distributed, rank, world, dev = parallel.init(device)
     try:
-        run(config, distributed, rank, world, dev)
+        run(config, ckpt, changed, distributed, rank, world, dev)
     except BaseException as e:  # sys.exit and Ctrl-C too: free what run() held before teardown
         traceback.clear_frames(e.__traceback__)
         raise
@@ -216,20 +209,24 @@ def main():
             parallel.teardown()
 
 
-def run(config, distributed, rank, world, dev):
+def run(config, ckpt, changed, distributed, rank, world, dev):
     # ---------------------------------------------------------------- set-up
     master = rank == 0
     console = Console(quiet=not master)
-    dtype_name, why = auto_dtype(dev) if dtype == "auto" else (dtype, "set by --dtype")
-    if dtype == "auto":  # each rank timed its own matmuls: one dtype for all
-        dtype_name, why = agree_on_dtype(dtype_name, why, dev)
-    config = {**config, "dtype": dtype_name}  # what ran: "auto" depends on a timing
-    ctx = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype_name == "bfloat16")
+    if compile:
+        check_compiler(dev)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
-    ckpt = load_checkpoint(ckpt_path) if init_from == "resume" else None
     model = build_model(ckpt, dev)
+    dtype_name, why = dtype, "set by --dtype" + (" as the checkpoint ran" if ckpt else "")
+    if dtype == "auto":  # timed on a fresh model of the same shapes; one dtype for all ranks
+        with torch.random.fork_rng(devices=[]):
+            probe = None if dev.startswith("cuda") else GPT(model.cfg)
+        dtype_name, why = agree_on_dtype(*auto_dtype(dev, probe, min(batch_size, 4)), dev)
+    why += matmul_precision(dev, dtype_name)
+    config = {**config, "dtype": dtype_name}  # what ran: "auto" depends on a timing
+    ctx = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype_name == "bfloat16")
     if freeze_router:  # study.py --study=experts' control: routing by a fixed random projection
         for m in model.modules():
             if isinstance(m, MoE):
@@ -244,16 +241,20 @@ def run(config, distributed, rank, world, dev):
         train_gen.set_state(ckpt["data_rng"][rank] if rank < len(ckpt["data_rng"]) else
                             torch.Generator().manual_seed(seed + rank).get_state())
         torch.set_rng_state(ckpt["rng"])
-    eval_loads = eval_load_counter(model, dev)
+    eval_loads = model.count_eval_loads()  # (n_moe_layers, E), by hooks on the gates
     compiled = parallel.compile_model(model, distributed, ep) if compile else model  # evals too
     fwd = parallel.wrap(compiled, distributed, fsdp, ep)  # the module itself in one process
-    stop = []  # Ctrl-C finishes the current step, saves, and exits; a second one aborts
-    def on_sigint(*_):
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save, exit; a second one aborts
+    def on_stop(signum, _):
         if stop:
             raise KeyboardInterrupt
-        stop.append(True)
-    signal.signal(signal.SIGINT, on_sigint)
-    log = open(os.path.join(out_dir, "log.jsonl"), "a" if ckpt else "w") if master else None
+        stop.append(signal.Signals(signum).name)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, on_stop)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    if master and ckpt is not None:  # each iteration once: rows past the checkpoint run again
+        truncate_log(log_path, it)
+    log = open(log_path, "a" if ckpt else "w") if master else None
     def record(row):
         if log:
             log.write(json.dumps(row) + "\n")
@@ -262,6 +263,9 @@ def run(config, distributed, rank, world, dev):
     tokens_per_step = batch_size * L * gradient_accumulation_steps * world
     flops = model.flops_per_token(L)
     peak = peak_flops(torch.cuda.get_device_name(dev)) if dev.startswith("cuda") else None
+    if ckpt is not None:
+        console.print(f"resuming {ckpt_path} at iter {it} with its settings" + "".join(
+            f", {k}={new} (was {old})" for k, (old, new) in changed.items()), highlight=False)
     console.print(f"[bold]{preset}[/] preset on {dev} ({world} rank(s)): "
                   f"{model.num_params() / 1e6:.2f}M parameters, "
                   f"{model.num_params(active=True) / 1e6:.2f}M active per token; "
@@ -324,10 +328,11 @@ def run(config, distributed, rank, world, dev):
             progress.update(task, completed=it)
             if interrupted:
                 save_checkpoint(ckpt_path, model, optimizer, it, config, train_gen, dev, master)
-                console.print(f"interrupted at iter {it}; saved {ckpt_path}. "
-                              "Continue with --init_from=resume")
+                console.print(f"stopped by {stop[0]} at iter {it}; saved {ckpt_path}. "
+                              f"Continue with --init_from=resume --out_dir={out_dir}")
                 break
 
+    console.print(stamp(dev, dtype_name), highlight=False, markup=False, soft_wrap=True)
     console.print(summary_table(summary, dev, time.time() - t_start))
 
 
