@@ -113,8 +113,7 @@ def configure(argv):
         fail(f"--model={model!r}: expected one of {', '.join(model_presets)}")
     if dtype not in ("auto", "bfloat16", "float32"):
         fail(f"--dtype={dtype!r}: expected auto, bfloat16 or float32")
-    probe = GPT(model_presets[model]) if dtype == "auto" and dev == "cpu" else None  # timed
-    name, _dtype_reason = (auto_dtype(dev, probe, min(batch_size, 4))
+    name, _dtype_reason = (auto_dtype(dev, lambda: GPT(model_presets[model]), batch_size)
                            if dtype == "auto" else (dtype, "--dtype"))
     _dtype = getattr(torch, name)
     for key, valid in (("cases", [f"{n}:TOKENS" for n in layers]),

@@ -57,8 +57,13 @@ def load_checkpoint(path):
 def truncate_log(path, last_iter):
     """Keep the rows of a log.jsonl up to iteration last_iter: a resumed run writes the later
     ones again. Atomically, like a checkpoint."""
+    def kept(row):  # a row cut short by a kill is dropped too
+        try:
+            return json.loads(row)["iter"] <= last_iter
+        except ValueError:
+            return False
     if os.path.exists(path):
-        rows = [r for r in open(path) if json.loads(r)["iter"] <= last_iter]
+        rows = [r for r in open(path) if kept(r)]
         with open(f"{path}.{os.getpid()}.tmp", "w") as f:
             f.writelines(rows)
         os.replace(f"{path}.{os.getpid()}.tmp", path)

@@ -1,6 +1,7 @@
 """
 The DeepSeek-V3 Mixture-of-Experts layer, in one file.
 
+    python moe.py                   # a tour: the layer on 8 tokens, every step printed
     from moe import MoE, MoEConfig, update_bias
     layer = MoE(MoEConfig(dim=256, moe_inter_dim=128))
     y, aux_loss = layer(x)          # x: (B, L, dim)
@@ -40,12 +41,10 @@ Design notes, each choice with its reason:
 - Grouped GEMM ignores autocast (trap 11): the layer casts to the autocast dtype itself.
   torch's native grouped matmul is bf16-only under compile; `grouped_mm` is the one place
   that chooses: native where it works, else a small custom op with a per-expert loop.
-- Measured (bench.py, 2 CPU cores, Moonlight's layer at 1/4 width, 4k tokens): compiled
-  grouped forward+backward runs at 0.58-0.76 of the same matmuls done dense; grouped matmuls
-  take 66% of its time, gather/scatter 5-9%. On a CPU torch's grouped matmul is itself a loop
-  over experts, so the "loop" dispatch is as fast (docs/cpu-performance.md); the grouped one
-  is for compile and the GPU. A fused inverse-permutation combine, w1 and w3 in one matrix,
-  and a gather+sum dispatch backward did not win.
+- Measured (bench.py; docs/gpu.md, docs/cpu-performance.md): on an H200, Qwen3-30B-A3B's
+  layer at 32k tokens, compiled grouped fwd+bwd, runs at 406 TFLOP/s, 0.68 of the same
+  matmuls done dense. On a CPU torch's grouped matmul is itself a loop over experts, no
+  faster than the "loop" dispatch: the grouped one is for compile and the GPU.
 - Dispatch "loop": the per-expert loop of the official inference code, the easiest thing to
   read; the oracle in the tests and the bench baseline.
 - Balance state lives in buffers (bias, tokens_per_expert); the update is an explicit call
@@ -421,3 +420,64 @@ class _ZeroEmptyGroupGrad(torch.autograd.Function):
         rows = torch.diff(offs, prepend=offs.new_zeros(1))                  # (G,) per group
         return torch.where((rows > 0)[:, None, None], dw, 0.0), None
 
+
+
+# =======================================================================================
+# python moe.py: one tiny batch through the layer, each step printed under the names above.
+
+def _show(name, t, why):
+    print(f"\n{name} {tuple(t.shape)}: {why}")
+    v = t.detach().double()
+    fmt = "4.0f" if not t.is_floating_point() else "8.4f" if v.abs().max() > 1e-2 else "10.3e"
+    for row in v.reshape(-1, t.shape[-1] if t.dim() else 1).tolist():
+        print("  " + " ".join(f"{x:{fmt}}" for x in row))
+
+
+@torch.no_grad()
+def tour(seed: int = 0):
+    """Print the tour; return its input x and a copy of the layer as it was before the step."""
+    import copy
+    torch.manual_seed(seed)
+    cfg = MoEConfig(dim=8, moe_inter_dim=8, n_routed_experts=8, n_activated_experts=2,
+                    n_expert_groups=4, n_limited_groups=2, route_scale=2.5, bias_update_speed=0.01)
+    (B, L, D), E, K, G, M = (2, 4, 8), 8, 2, 4, 2
+    layer, x = MoE(cfg).train(), torch.randn(B, L, D)
+    layer.gate.bias.copy_(torch.randint(-2, 3, (E,)) * 0.01)  # as if after a few updates
+    start = copy.deepcopy(layer)
+    print(f"{cfg}\nx: B={B} sequences of L={L} tokens (T={B * L}), {E} experts in {G} groups, "
+          f"each token K={K} of them from its best M={M} groups, plus 1 shared expert")
+    xf = x.view(B * L, D)                                                    # (T, D)
+    weights, indices, scores = layer.gate(xf)
+    _show("scores", scores, "s = sigmoid(u_t . e_i), one row per token t [V3 eq. 15]")
+    _show("bias", layer.gate.bias, "b: decides who is picked, never the gate values")
+    groups = (scores + layer.gate.bias).view(B * L, G, E // G)              # biased (T, G, E/G)
+    group_scores = groups.topk(2, dim=-1).values.sum(-1)                     # (T, G)
+    _show("group_scores", group_scores, "sum of the top-2 biased scores s + b in each group")
+    _show("keep", group_scores.topk(M, dim=-1).indices.sort(-1).values, "the groups kept")
+    _show("indices", indices, "the K experts with the highest s + b in the kept groups [eq. 16]")
+    _show("weights", weights, "g = route_scale * s / sum of the picks' s, unbiased [eq. 13-14]")
+    counts = F.one_hot(indices.view(B, L * K), E).sum(1)                     # (B, E)
+    _show("counts", counts, "how many of each sequence's tokens picked each expert")
+    order = indices.view(-1).argsort(stable=True)                            # (T*K,)
+    _show("order", order, "the T*K (token, pick) rows stably sorted by expert; token = order // K")
+    _show("offs", counts.sum(0).cumsum(0), "each expert's segment end in the sorted rows")
+    y, aux_loss = layer(x)                                                   # counts the loads
+    loop = layer._loop(xf, weights, indices) + layer.shared_experts(xf)
+    _show("y", y.view(B * L, D), "shared expert + sum of g * FFN_i: the grouped matmuls' output")
+    _show("grouped_minus_loop", (y.view(B * L, D) - loop).abs().amax(), "max |difference|")
+    f = counts * E / (K * L)                                                 # (B, E) eq. 18
+    P = (scores / scores.sum(-1, keepdim=True)).view(B, L, E).mean(1)        # (B, E) eq. 19
+    _show("f", f, "E/(K L) * count per sequence [eq. 18]")
+    _show("P", P, "mean normalised score per sequence [eq. 19]")
+    _show("fP", (f * P).sum(-1), "sum_i f_i P_i per sequence: 1 when balanced, up to E/K")
+    _show("aux_loss", aux_loss, f"alpha * mean of fP, alpha = {cfg.seq_aux_alpha:g} [eq. 17]")
+    load, vio = layer.update_bias()
+    _show("load", load.long(), "tokens per expert this step, summed over the sequences")
+    _show("bias_after", layer.gate.bias,
+          f"b + gamma * sign(mean load - load), gamma = {cfg.bias_update_speed:g} [LF Alg. 1]")
+    _show("MaxVio", vio, "(max load - mean load) / mean load [LF eq. 4]")
+    return x, start
+
+
+if __name__ == "__main__":
+    tour()

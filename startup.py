@@ -7,7 +7,6 @@ dtype="auto" picks, the GPU's peak FLOP/s, and the stamp above every results tab
 Nothing here imports torch.distributed's FSDP, DTensor or checkpoint modules: bench.py and the
 studies load this file, not train.py.
 """
-import copy
 import os
 import re
 import signal
@@ -86,20 +85,20 @@ def cpu_flags():
 
 def model_step_ms(model, batch_size, seq_len, reps=3):
     """Milliseconds of one eager training step (forward, backward, AdamW: the weights move, as
-    in training) of a copy of model on random tokens, under bf16 autocast and in fp32: the
-    median of reps each, alternating, after a warm-up of each. The model itself, its gradients
-    and its expert counts stay untouched."""
-    probes = {bf16: copy.deepcopy(model).train() for bf16 in (True, False)}
-    optimizers = {bf16: torch.optim.AdamW(m.parameters()) for bf16, m in probes.items()}
+    in training) of model on random tokens, under bf16 autocast and in fp32: the median of reps
+    each, alternating on the same model, after a warm-up of each. model is changed: give it a
+    throwaway one."""
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters())
     x = torch.randint(0, model.cfg.vocab_size, (batch_size, seq_len + 1),
                       generator=torch.Generator().manual_seed(0))
     def once(bf16):
         start = time.perf_counter()
         with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-            loss = probes[bf16](x[:, :-1], x[:, 1:])[1]
+            loss = model(x[:, :-1], x[:, 1:])[1]
         loss.backward()
-        optimizers[bf16].step()
-        optimizers[bf16].zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         return time.perf_counter() - start
     once(True), once(False)
     times = {True: [], False: []}
@@ -110,20 +109,23 @@ def model_step_ms(model, batch_size, seq_len, reps=3):
             "float32": 1e3 * statistics.median(times[False])}
 
 
-def auto_dtype(dev, model=None, batch_size=8):
+def auto_dtype(dev, make_model=None, batch_size=4):
     """The autocast dtype for dtype="auto" on device dev, and the reason, for the start-up line.
-    On a CPU with bf16 instructions, the faster of the two on what the model runs: a training
-    step of it (batch_size sequences), timed now in about a second. Neither the flags nor a
-    square matmul predict it: on 2 Xeon cores with AVX512-BF16 but no AMX, bf16 matmuls run at
-    half fp32's speed; on 2 EPYC cores with AVX512-BF16 at twice, yet the cpu preset trains
-    faster in fp32 there too, eager and compiled (docs/training.md)."""
+    On a CPU with bf16 instructions, the faster of the two on what the model runs: training
+    steps of a fresh one from make_model() (at most 4 sequences), timed now in about a second.
+    Neither the flags nor a square matmul predict it: on 2 Xeon cores with AVX512-BF16 but no
+    AMX, bf16 matmuls run at half fp32's speed; on 2 EPYC cores with AVX512-BF16 at twice, yet
+    the cpu preset trains faster in fp32 there too, eager and compiled (docs/training.md)."""
     if dev.startswith("cuda"):
         if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bfloat16", "this GPU has bf16 tensor cores"
         return "float32", "this GPU has no bf16 support"
     if not cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"}:  # x86 AVX512-BF16 / AMX, Arm BF16
         return "float32", "this CPU has no native bf16 matmul (bf16 would be emulated, ~3x slower)"
-    ms = model_step_ms(model, batch_size, model.cfg.block_size)
+    with torch.random.fork_rng(devices=[]):  # the run's own random numbers stay as they were
+        model = make_model()
+        ms = model_step_ms(model, min(batch_size, 4), model.cfg.block_size)
+    del model
     name = "bfloat16" if ms["bfloat16"] < ms["float32"] else "float32"
     return name, (f"a training step of this model took {ms['bfloat16']:.0f} ms in bf16 and "
                   f"{ms['float32']:.0f} ms in fp32, timed now")

@@ -1,42 +1,30 @@
 """
 The project's studies. In the training ones each arm is a train.py run with the same data, seed,
-steps and settings except what the arm is about, and one table compares them.
+steps and settings except what the arm is about, and one table, under its stamp, compares them.
 
-    python study.py                       # does aux-loss-free balancing work? ~15 min, 2 cores
-    python study.py --study=arch          # does the MoE pay? DeepSeekMoE vs dense, ~20 min
+    python study.py                       # does aux-loss-free balancing work? (balance)
+    python study.py --seeds=4             # ... every arm with 4 seeds: means, spreads, paired gaps
+    python study.py --study=arch          # does the MoE pay? DeepSeekMoE vs dense, 3 seeds
     python study.py --scale=gpu           # either study at GPU size
-    python study.py --study=groups        # why node-limited routing exists, on out/ckpt.pt
     python study.py --study=switch        # is the Switch balance loss minimised by uniform routing?
-    python study.py --study=experts       # what the experts of out/ckpt.pt learned, ~9 min (atlas.py)
+    python study.py --study=groups        # why node-limited routing exists, on out/ckpt.pt
+    python study.py --study=experts       # what the experts of out/ckpt.pt learned (atlas.py)
     OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=4 study.py --study=traffic
     python study.py --arms=none,aux@0.01,bias --max_iters=100   # any train.py setting passes through
 
-balance (default): train.py's --balance arms; val loss, MaxVio_global and _batch against the
-noise floor of random routing, dead experts, tokens/s; expert loads in study_heatmaps.svg.
-An arm "aux@0.01" is the aux arm with seq_aux_alpha=0.01.
-switch: the balance loss of a routing that follows the router, below uniform routing's; then
-the balance study's arms none, aux at three alphas, and bias, with the balance loss over uniform's.
-experts: every byte of the stdlib val split classified by Python's tokenize (names, keywords, ...);
-per MoE layer a class x expert heatmap and I(class; expert) in bits, against two controls: the
-checkpoint's settings trained with the router frozen at its random init (trained here unless
---control gives one) and shuffled classes; a snippet coloured by each byte's top expert.
+balance: train.py's --balance arms; val loss, MaxVio_global and _batch against the noise floor
+of random routing, dead experts, tokens/s; expert loads in study_heatmaps.svg. An arm
+"aux@0.01" is the aux arm with seq_aux_alpha=0.01. switch: the balance loss of a routing that
+follows the router, below uniform routing's; then the arms none, aux at three alphas, and bias.
 arch: DeepSeekMoE's arms at equal expert parameters and a dense model at equal active ones
-(arch_configs), --seeds seeds each: val loss at equal tokens, tokens/s (median step, compiled,
-train.py's dtype), training seconds to reach the dense run's final val loss, MaxVio_global, the
-MoE tax (tokens/s of fine+shared / dense) and which loss gaps exceed the seed spread. Val loss
-against tokens and against training seconds (tokens / median tokens/s: compile and evals left
-out) in loss_vs_tokens.svg and loss_vs_seconds.svg.
+(arch_configs): val loss at equal tokens, tokens/s, training seconds to the dense run's final
+val loss, MaxVio_global, the MoE tax, which gaps exceed the seed spread; loss_vs_tokens.svg and
+loss_vs_seconds.svg. experts: docs/experts.md. traffic: ep.py's all-to-all bytes per token,
+measured and from the formula, and DeepSeek-V3's copies per token on paper (docs/ep.md).
 
-traffic: ep.py's all-to-all bytes per token, measured and from the formula, on 4 gloo ranks
-as 4 and as 2 emulated nodes, with the router's group limit and without; then DeepSeek-V3's
-copies per token on paper (docs/ep.md).
-
-Runs go to out_dir/<arm>/ (arch: out_dir/<arm>/seed<N>/), the table to study.json and study.md.
-
-Runs go to out_dir/<arm>/ (arch: out_dir/<arm>/seed<N>/), the table to study.json and study.md
-(experts: out_dir/random_router/, experts.json, experts.md, experts.svg).
-Arch runs are `python study.py --train --preset=cpu:fine ...`: train.py with the arch shapes
-added to model.presets as "<base>:<arm>"; every train.py setting works (--sample, resume, ...).
+Runs go to out_dir/<arm>/ (with --seeds: out_dir/<arm>/seed<N>/), tables to study.json and
+study.md. Arch runs are `python study.py --train --preset=cpu:fine ...`: train.py with the arch
+shapes added to model.presets as "<base>:<arm>", so every train.py setting works.
 """
 import json
 import math
@@ -63,7 +51,7 @@ from display import heatmap, plot_svg, save_svg, save_table, switch_table
 from model import GPT, GPTConfig, presets
 from ep import combine, dispatch
 from moe import Gate, MoE, MoEConfig, max_vio
-from startup import HERE, parse_overrides, resolve_device, run_to_its_end, stamp
+from startup import HERE, default_settings, parse_overrides, resolve_device, run_to_its_end, stamp
 from train import arms
 
 
@@ -338,7 +326,7 @@ def main():
     if unknown := [a for a in chosen if a.partition("@")[0] not in known]:
         sys.exit(f"unknown arm(s) {unknown}; expected some of {', '.join(known)}")
     settings = {**scales[study][args["scale"]], "seed": args["seed"]}
-    settings.update(parse_overrides(passthrough, {**train.default_settings(vars(train)), **settings}))
+    settings.update(parse_overrides(passthrough, {**default_settings(vars(train)), **settings}))
     out_dir = args["out_dir"] or os.path.join("out", {"balance": "study"}.get(args["study"], args["study"]))
     if args["study"] == "switch":
         Console().print(stamp("cpu", "float32"), highlight=False, markup=False, soft_wrap=True)

@@ -8,6 +8,7 @@ equation numbers cited), never against numbers taken from moe.py's own output.
 """
 import io
 import math
+import re
 
 import pytest
 import torch
@@ -808,3 +809,77 @@ def test_empty_groups_get_a_zero_weight_gradient_where_the_kernel_leaves_garbage
     (segment_loop(x.detach().float(), wr) * r).sum().backward()
     assert torch.equal(w.grad[empty], torch.zeros_like(w.grad[empty]))
     assert_close_rel(w.grad, wr.grad, TOL[torch.bfloat16], "w.grad")
+
+
+# --- python moe.py: the tour prints what the layer computes --------------------------------
+
+def parse_tour(text):
+    """{name: tensor} of the blocks `name (shape): why` followed by rows of numbers."""
+    blocks, name = {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(\w+) \(([\d, ]*)\): ", line)
+        if head:
+            name = head[1]
+            blocks[name] = ([int(n) for n in head[2].replace(",", " ").split()], [])
+        elif name and line.startswith("  ") and line.strip():
+            blocks[name][1].extend(float(v) for v in line.split())
+        else:
+            name = None
+    return {k: torch.tensor(v, dtype=torch.float64).view(shape) for k, (shape, v) in blocks.items()}
+
+
+def test_tour_prints_what_the_layer_computes_by_the_papers_formulas(capsys):
+    x, start = moe_module.tour()
+    shown = parse_tour(capsys.readouterr().out)
+    cfg = start.cfg
+    (B, L, Dx), E, K = x.shape, cfg.n_routed_experts, cfg.n_activated_experts
+    G, M, per_group = cfg.n_expert_groups, cfg.n_limited_groups, E // cfg.n_expert_groups
+    u = x.reshape(B * L, Dx).double()
+    bias = start.gate.bias.double()
+    s = torch.sigmoid(u @ start.gate.weight.double().T)                          # [V3 eq. 15]
+    ref = {"scores": s, "bias": bias}
+    group_scores = torch.zeros(B * L, G, dtype=torch.float64)
+    picks, kept = [], []
+    for t in range(B * L):                                   # [V3 eq. 16] and 2.1.2, per token
+        for g in range(G):
+            members = sorted((s[t, e] + bias[e] for e in range(g * per_group, (g + 1) * per_group)),
+                             reverse=True)
+            group_scores[t, g] = members[0] + members[1]
+        best = sorted(range(G), key=lambda g: -group_scores[t, g])[:M]
+        kept.append(sorted(best))
+        allowed = [e for e in range(E) if e // per_group in best]
+        picks.append(sorted(allowed, key=lambda e: -(s[t, e] + bias[e]))[:K])
+    idx = torch.tensor(picks)
+    g_val = torch.stack([cfg.route_scale * s[t, idx[t]] / s[t, idx[t]].sum()      # [eq. 13-14]
+                         for t in range(B * L)])
+    counts = torch.zeros(B, E)
+    for t in range(B * L):
+        for e in picks[t]:
+            counts[t // L, e] += 1
+    flat = idx.flatten().tolist()
+    ref |= {"group_scores": group_scores, "keep": torch.tensor(kept), "indices": idx,
+            "weights": g_val, "counts": counts,
+            "order": torch.tensor(sorted(range(B * L * K), key=lambda r: flat[r])),   # stable
+            "offs": counts.sum(0).cumsum(0)}
+
+    def ffn(w1, w3, w2, v):  # SwiGLU [V3 eq. 12]
+        return w2 @ (F.silu(w1 @ v) * (w3 @ v))
+    w1, w3, w2 = (start.experts[n].double() for n in ("w1", "w3", "w2"))
+    sh = [getattr(start.shared_experts, n).weight.double() for n in ("w1", "w3", "w2")]
+    ref["y"] = torch.stack([ffn(*sh, u[t]) + sum(g_val[t, k] * ffn(w1[e], w3[e], w2[e], u[t])
+                                                 for k, e in enumerate(picks[t]))
+                            for t in range(B * L)])
+    f = counts * E / (K * L)                                                      # [eq. 18]
+    P = (s / s.sum(1, keepdim=True)).view(B, L, E).mean(1)                        # [eq. 19]
+    load = counts.sum(0)
+    ref |= {"f": f, "P": P, "fP": (f * P).sum(1),
+            "load": load, "bias_after": bias + cfg.bias_update_speed * torch.sign(load.mean() - load),
+            "MaxVio": (load.max() - load.mean()) / load.mean()}                    # [LF eq. 4]
+    for name, want in ref.items():
+        assert name in shown, f"the tour does not print {name}"
+        assert shown[name].shape == want.shape, f"{name}: {shown[name].shape} vs {want.shape}"
+        assert torch.allclose(shown[name], want.double(), atol=6e-5, rtol=0), \
+            f"{name} printed\n{shown[name]}\nbut the paper's formula gives\n{want}"
+    aux = cfg.seq_aux_alpha * (f * P).sum(1).mean()                               # [eq. 17]
+    assert torch.allclose(shown["aux_loss"], aux, rtol=1e-3, atol=0)
+    assert shown["grouped_minus_loop"] < 1e-5

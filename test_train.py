@@ -1,5 +1,6 @@
 """Tests for model.py and train.py: the model's parts, the data formats, and whole runs of
 train.py in subprocesses (tiny preset, no compile) as a user would start them."""
+import dataclasses
 import json
 import os
 import signal
@@ -590,22 +591,48 @@ def test_auto_dtype_on_a_cpu_takes_bf16_where_the_model_trains_faster_in_it(
     monkeypatch.setattr(startup, "cpu_flags", lambda: flags)
     monkeypatch.setattr(startup, "model_step_ms",
                         lambda *a: {"bfloat16": ms_bf16, "float32": 100.0})
-    name, why = startup.auto_dtype("cpu", tiny_model(), 2)
+    name, why = startup.auto_dtype("cpu", tiny_model, 2)
     assert name == expected
     if flags & {"avx512_bf16", "amx_bf16"}:  # both figures on the start-up line
         assert f"{ms_bf16} ms in bf16 and 100 ms in fp32" in why
 
 
-def test_model_step_ms_times_training_steps_in_both_dtypes_and_leaves_the_model_alone(monkeypatch):
+def test_model_step_ms_times_training_steps_in_both_dtypes():
     model, seen = tiny_model(), []
     model.register_forward_pre_hook(lambda m, a: seen.append((m.training, torch.is_autocast_enabled("cpu"))))
-    model.eval()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    ms = startup.model_step_ms(model, 2, 16, reps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    ms = startup.model_step_ms(model.eval(), 2, 16, reps=2)
     assert set(ms) == {"bfloat16", "float32"} and min(ms.values()) > 0
     assert sorted(set(seen)) == [(True, False), (True, True)] and len(seen) == 2 * 3
-    assert not model.training and all(p.grad is None for p in model.parameters())
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))  # steps taken
+
+
+def test_dtype_auto_leaves_the_runs_random_numbers_and_trains_as_the_dtype_it_picks(
+        monkeypatch, capsys, tmp_path, text_file):
+    """dtype=auto on a CPU with bf16 instructions times a throwaway model: picking fp32, the
+    run is the one --dtype=float32 makes, step for step; the start-up line has both times."""
+    monkeypatch.setattr(startup, "cpu_flags", lambda: {"avx512_bf16"})
+    steps = [r for r in run_logged(monkeypatch, tmp_path / "auto", text_file, "--dtype=auto")]
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ms in bf16 and" in out and "ms in fp32, timed now" in out
+    config = torch.load(tmp_path / "auto" / "ckpt.pt", weights_only=True)["config"]
+    if config["dtype"] == "float32":  # what this machine timed; the other way, compare to bf16
+        assert steps == run_logged(monkeypatch, tmp_path / "fp32", text_file, "--dtype=float32")
+    else:
+        assert steps == run_logged(monkeypatch, tmp_path / "bf16", text_file, "--dtype=bfloat16")
+
+
+def run_logged(monkeypatch, out_dir, text_file, *args):
+    run_main(monkeypatch, out_dir, f"--data={text_file}", "--max_iters=3", "--eval_interval=3",
+             "--log_interval=1", "--batch_size=4", *args)
+    return [(r["iter"], r.get("loss"), r.get("val_loss")) for r in map(json.loads, open(out_dir / "log.jsonl"))]
+
+
+def test_fp32_on_cuda_turns_on_tf32_through_the_start_up(monkeypatch, tmp_path, text_file):
+    calls = []
+    monkeypatch.setattr(train, "matmul_precision", lambda dev, dtype: calls.append((dev, dtype)) or "")
+    run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=1", "--eval_iters=0")
+    assert calls == [("cpu", "float32")]  # startup.matmul_precision decides for the device
 
 
 def test_startup_line_names_the_dtype_and_why(monkeypatch, capsys, tmp_path, text_file):
@@ -785,26 +812,57 @@ def test_resume_continues_the_same_run_with_its_own_settings(monkeypatch, capsys
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(monkeypatch, capsys, tmp_path,
-                                                               text_file):
-    """What schedulers and `kill` send is handled like Ctrl-C: here it arrives during step 2."""
+def test_resume_takes_what_to_run_from_the_checkpoint_and_how_to_launch_from_now(
+        monkeypatch, tmp_path, text_file):
+    """Launch settings (device, compile, fsdp, ep, out_dir) are today's: a run compiled on a
+    GPU under torchrun can go on uncompiled in one process on a CPU. An arm named anew sets
+    its own gamma and alpha, and the start-up line's list of changes says so."""
+    for key, value in TRAIN_DEFAULTS.items():
+        monkeypatch.setattr(train, key, value)
+    config = {**TRAIN_DEFAULTS, "data": text_file, "batch_size": 2, "balance": "bias",
+              "bias_update_speed": 2e-3, "seq_aux_alpha": 0.0, "device": "cuda", "compile": True,
+              "fsdp": True, "out_dir": "elsewhere", "dtype": "bfloat16"}
+    model = tiny_model()
+    torch.save({"config": config, "model_cfg": dataclasses.asdict(model.cfg), "iter": 4},
+               tmp_path / "ckpt.pt")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--init_from=resume", f"--out_dir={tmp_path}"])
+    got, _, changed = train.configure()
+    assert (got["data"], got["batch_size"], got["balance"], got["bias_update_speed"],
+            got["dtype"]) == (text_file, 2, "bias", 2e-3, "bfloat16")
+    assert (got["device"], got["compile"], got["fsdp"], got["out_dir"]) == (
+        "auto", True, False, str(tmp_path)) and changed == {}
+    monkeypatch.setattr(sys, "argv", ["train.py", "--init_from=resume", f"--out_dir={tmp_path}",
+                                      "--balance=aux"])
+    got, _, changed = train.configure()
+    assert (got["bias_update_speed"], got["seq_aux_alpha"]) == (0.0, 1e-3)
+    assert changed == {"balance": ("bias", "aux"), "bias_update_speed": (2e-3, 0.0),
+                       "seq_aux_alpha": (0.0, 1e-3)}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_finishes_the_step_saves_and_says_how_to_resume(monkeypatch, capsys, tmp_path,
+                                                              text_file, sig):
+    """SIGTERM, what schedulers and `kill` send, is handled like Ctrl-C (SIGINT): here it
+    arrives during step 2, twice, as when a launcher forwards a stop the process also got."""
     real, calls = train.train_step, []
     def step(*args):
         calls.append(1)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
+            os.kill(os.getpid(), sig)  # a copy of the same stop: no abort
         return real(*args)
     monkeypatch.setattr(train, "train_step", step)
     def unhandled(*_):
-        raise AssertionError("SIGTERM reached the test's handler: train.py ignored it")
-    before = signal.signal(signal.SIGTERM, unhandled)
+        raise AssertionError(f"{sig.name} reached the test's handler: train.py ignored it")
+    before = signal.signal(sig, unhandled)
     try:
         run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=50",
                  "--eval_interval=50")
     finally:
-        signal.signal(signal.SIGTERM, before)
+        signal.signal(sig, before)
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter"] == 2 and len(calls) == 2
-    assert "stopped by SIGTERM at iter 2" in " ".join(capsys.readouterr().out.split())
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"stopped by {sig.name} at iter 2" in out and "--init_from=resume" in out
 
 
 def write_bin_pair(folder, train_ids, val_ids):

@@ -66,7 +66,7 @@ compile = True
 fsdp = False                 # under torchrun: shard weights, gradients and AdamW state (FSDP2)
 ep = False                   # under torchrun: shard the routed experts over the ranks, the rest DDP
 device = "auto"              # "auto", "cpu", "cuda", "cuda:1", ...
-dtype = "auto"               # autocast: "auto" (the faster of bf16 and fp32 here), "bfloat16", "float32"
+dtype = "auto"               # autocast: "auto" (the faster here), "bfloat16", "float32"
 seed = 1337
 eval_sample = True           # print a sample at each eval, as sample.py would (study.py: off)
 heatmap_svg = True           # also save each eval's expert-load heatmap as out_dir/*.svg
@@ -78,33 +78,37 @@ arms = {  # balancing arm: values of arms_keys
     "v3": (1e-3, 1e-4, "sequence")}
 preset_settings = {  # defaults a preset changes, unless given (the arch study's gpu scale)
     "gpu": dict(learning_rate=1e-3, min_lr=1e-4, warmup_iters=200)}
+LAUNCH = ("out_dir", "init_from", "device", "compile", "fsdp", "ep")  # not resumed: how to run
 
 
 def configure():
-    """Settings into this module's globals: the command line's over, when resuming, the
-    checkpoint's own over the defaults above. An arm or preset fills in gamma, alpha and the
-    aux scope, or its own defaults, unless given; when resuming, only if named on the command
-    line. Returns all settings, the checkpoint (or None) and what the command line changed."""
+    """Settings into this module's globals, each from the first of: the command line; when
+    resuming, the checkpoint's own settings (but for how to launch: LAUNCH); the defaults
+    above. A balancing arm or a preset named here (on resume: changed here) sets gamma, alpha
+    and the aux scope, or the preset's own defaults, unless those are given too. Returns all
+    settings, the checkpoint or None, and {setting: (was, now)} of what the command line
+    changed on resume."""
     settings = default_settings(globals())
     given = parse_overrides(sys.argv[1:], settings)
-    ckpt, changed = None, {}
+    ckpt, saved = None, {}
     if given.get("init_from") == "resume":  # the same run goes on, as it was set up
         ckpt = load_checkpoint(os.path.join(given.get("out_dir", out_dir), "ckpt.pt"))
-        saved = {k: v for k, v in ckpt["config"].items() if k in settings and k != "out_dir"}
-        changed = {k: (saved[k], v) for k, v in given.items()
-                   if k in saved and saved[k] != v and k != "init_from"}
-        globals().update(saved)
-    globals().update(given)
+        saved = {k: v for k, v in ckpt["config"].items() if k in settings and k not in LAUNCH
+                 and (k != "preset" or v in presets)}  # study.py's arch presets: shapes below
+    globals().update({**saved, **given})
     if balance not in arms:
         sys.exit(f"--balance={balance!r}: expected one of {', '.join(arms)}")
     if preset not in presets:
         sys.exit(f"--preset={preset!r}: expected one of {', '.join(presets)}")
-    fill = {**(dict(zip(arms_keys, arms[balance])) if ckpt is None or "balance" in given else {}),
-            **(preset_settings.get(preset, {}) if ckpt is None or "preset" in given else {})}
-    globals().update({k: v for k, v in fill.items() if k not in given})
+    for key, values in (("balance", dict(zip(arms_keys, arms[balance]))),
+                        ("preset", preset_settings.get(preset, {}))):
+        if ckpt is None or (key in given and given[key] != saved.get(key)):
+            globals().update({k: v for k, v in values.items() if k not in given})
     if init_from not in ("scratch", "resume") or dtype not in ("auto", "bfloat16", "float32"):
         sys.exit(f"init_from={init_from!r} / dtype={dtype!r}: see the docstring for valid values")
-    parallel.check(fsdp, ep, presets[preset].moe.n_routed_experts)
+    experts = ckpt["model_cfg"]["moe"] if ckpt else vars(presets[preset].moe)
+    parallel.check(fsdp, ep, experts["n_routed_experts"])
+    changed = {k: (saved[k], globals()[k]) for k in saved if saved[k] != globals()[k]}
     return {k: globals()[k] for k in settings}, ckpt, changed
 
 
@@ -166,7 +170,7 @@ def evaluate(model, loads, shards, B, L, dev, ctx, iters, seed, world=1):
 # ----------------------------------------------------------------------------- one step
 def train_step(fwd, model, optimizer, shards, gen, ctx, dev, stop):
     """Forward and backward over the micro-batches, clip, and, unless the gradient is not
-    finite, step. One host sync: the flag that says "stop" (NaN, or Ctrl-C on any rank); on
+    finite, step. One host sync: the flag that says "stop" (NaN, or a stop on any rank); on
     CUDA, where torch has no fast grouped GEMM for this GPU and dtype, every grouped matmul
     syncs as well (moe.grouped_mm_path)."""
     for micro in range(gradient_accumulation_steps):
@@ -196,6 +200,12 @@ def save_checkpoint(path, model, optimizer, it, config, gen, dev, master):
                      "rng": torch.get_rng_state(), "data_rng": data_rng}, path)
 
 
+def nonfinite(console, what, value, it, ckpt_path):
+    console.print(f"[red]{what} is {value} at iter {it}: stopping. The last good checkpoint, "
+                  f"{ckpt_path}, is untouched; try a lower learning_rate.")
+    sys.exit(1)
+
+
 def main():
     config, ckpt, changed = configure()
     distributed, rank, world, dev = parallel.init(device)
@@ -219,11 +229,10 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     model = build_model(ckpt, dev)
-    dtype_name, why = dtype, "set by --dtype" + (" as the checkpoint ran" if ckpt else "")
+    dtype_name, why = dtype, ("as the checkpoint ran" if ckpt and "dtype" not in changed
+                              else "set by --dtype")
     if dtype == "auto":  # timed on a fresh model of the same shapes; one dtype for all ranks
-        with torch.random.fork_rng(devices=[]):
-            probe = None if dev.startswith("cuda") else GPT(model.cfg)
-        dtype_name, why = agree_on_dtype(*auto_dtype(dev, probe, min(batch_size, 4)), dev)
+        dtype_name, why = agree_on_dtype(*auto_dtype(dev, lambda: GPT(model.cfg), batch_size), dev)
     why += matmul_precision(dev, dtype_name)
     config = {**config, "dtype": dtype_name}  # what ran: "auto" depends on a timing
     ctx = torch.autocast(dev.split(":")[0], torch.bfloat16, enabled=dtype_name == "bfloat16")
@@ -244,11 +253,11 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
     eval_loads = model.count_eval_loads()  # (n_moe_layers, E), by hooks on the gates
     compiled = parallel.compile_model(model, distributed, ep) if compile else model  # evals too
     fwd = parallel.wrap(compiled, distributed, fsdp, ep)  # the module itself in one process
-    stop = []  # Ctrl-C or SIGTERM: finish the step, save, exit; a second one aborts
-    def on_stop(signum, _):
-        if stop:
+    stop = []  # Ctrl-C or SIGTERM: finish the step, save, exit. Ctrl-C again a second later
+    def on_stop(signum, _):  # aborts; copies of the first (a launcher forwards it) do not
+        if stop and signum == signal.SIGINT and time.time() > stop[1] + 1:
             raise KeyboardInterrupt
-        stop.append(signal.Signals(signum).name)
+        stop[:] = stop or [signal.Signals(signum).name, time.time()]
     for s in (signal.SIGINT, signal.SIGTERM):
         signal.signal(s, on_stop)
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -266,15 +275,14 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
     if ckpt is not None:
         console.print(f"resuming {ckpt_path} at iter {it} with its settings" + "".join(
             f", {k}={new} (was {old})" for k, (old, new) in changed.items()), highlight=False)
+    gemm = f"; grouped GEMM: {grouped_mm_path(torch.device(dev), getattr(torch, dtype_name))}"
     console.print(f"[bold]{preset}[/] preset on {dev} ({world} rank(s)): "
                   f"{model.num_params() / 1e6:.2f}M parameters, "
                   f"{model.num_params(active=True) / 1e6:.2f}M active per token; "
-                  f"{dtype_name} ({why}); "
-                  f"data={data} ({sum(map(len, splits['train'])) / 1e6:.1f}M train tokens); "
-                  f"balance={balance} (gamma={bias_update_speed}, alpha={seq_aux_alpha}, "
-                  f"{aux_scope}); {tokens_per_step} tokens per step" + (
-                      f"; grouped GEMM: {grouped_mm_path(torch.device(dev), getattr(torch, dtype_name))}"
-                      if dev.startswith("cuda") else ""))
+                  f"{dtype_name} ({why}); data={data} ({sum(map(len, splits['train'])) / 1e6:.1f}M "
+                  f"train tokens); balance={balance} (gamma={bias_update_speed}, alpha="
+                  f"{seq_aux_alpha}, {aux_scope}); {tokens_per_step} tokens per step"
+                  + (gemm if dev.startswith("cuda") else ""))
     progress = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, disable=not master)
@@ -286,7 +294,8 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
     # ---------------------------------------------------------------- the loop
     with progress:
         while True:
-            if eval_iters and ((it % eval_interval == 0 and it > start_it) or it == max_iters):
+            due = it % eval_interval == 0 and it > 0 or it == max_iters  # not a resumed one's
+            if eval_iters and due and (it > start_it or ckpt is None):  # first: it is saved
                 val_loss, val_loads = evaluate(compiled, eval_loads, splits["val"], batch_size,
                                                L, dev, ctx, eval_iters, seed, world)
                 if not math.isfinite(val_loss):
@@ -328,18 +337,13 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
             progress.update(task, completed=it)
             if interrupted:
                 save_checkpoint(ckpt_path, model, optimizer, it, config, train_gen, dev, master)
-                console.print(f"stopped by {stop[0]} at iter {it}; saved {ckpt_path}. "
-                              f"Continue with --init_from=resume --out_dir={out_dir}")
+                console.print(f"stopped by {stop[0] if stop else 'a signal to another rank'} "
+                              f"at iter {it}; saved {ckpt_path}. Continue with the same "
+                              f"command and --init_from=resume --out_dir={out_dir}")
                 break
 
     console.print(stamp(dev, dtype_name), highlight=False, markup=False, soft_wrap=True)
     console.print(summary_table(summary, dev, time.time() - t_start))
-
-
-def nonfinite(console, what, value, it, ckpt_path):
-    console.print(f"[red]{what} is {value} at iter {it}: stopping. The last good checkpoint, "
-                  f"{ckpt_path}, is untouched; try a lower learning_rate.")
-    sys.exit(1)
 
 
 if __name__ == "__main__":
