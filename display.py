@@ -101,7 +101,8 @@ def summary_table(summary, dev, seconds):
     for k in ("loss", "val_loss", "maxvio_global", "tokens_per_s", "mfu"):
         if k in summary:
             v = summary[k]
-            table.add_row(k, f"{v:,.0f}" if k == "tokens_per_s" else
+            table.add_row(k + " (median)" * (k in ("tokens_per_s", "mfu")),
+                          f"{v:,.0f}" if k == "tokens_per_s" else
                           f"{v:,.4f}" if isinstance(v, float) else str(v))
     if dev.startswith("cuda"):
         table.add_row("peak GPU memory", f"{torch.cuda.max_memory_allocated(dev) / 2**30:.2f} GiB")

@@ -3,6 +3,7 @@ train.py in subprocesses (tiny preset, no compile) as a user would start them.""
 import dataclasses
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -904,6 +905,16 @@ def test_compile_without_a_cpp_compiler_ends_with_one_line(monkeypatch, tmp_path
     with pytest.raises(SystemExit) as stop:
         run_main(monkeypatch, tmp_path, f"--data={text_file}", "--compile=True", "--max_iters=1")
     assert len(str(stop.value.code).splitlines()) == 1 and "--compile=False" in str(stop.value.code)
+
+
+def test_summary_speed_is_the_median_of_the_logged_speeds(monkeypatch, tmp_path, text_file, capsys):
+    run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=8", "--log_interval=1",
+             "--eval_interval=8", "--batch_size=2")
+    speeds = sorted(r["tokens_per_s"] for r in map(json.loads, open(tmp_path / "log.jsonl"))
+                    if "tokens_per_s" in r)
+    median = (speeds[3] + speeds[4]) / 2  # 8 rows
+    shown = re.search(r"tokens_per_s \(median\)\s*│\s*([\d,]+)", capsys.readouterr().out)[1]
+    assert int(shown.replace(",", "")) == round(median), (shown, speeds)
 
 
 def test_summary_rounds_tokens_per_second():

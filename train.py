@@ -17,6 +17,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 import traceback
@@ -85,9 +86,8 @@ def configure():
     """Settings into this module's globals, each from the first of: the command line; when
     resuming, the checkpoint's own settings (but for how to launch: LAUNCH); the defaults
     above. A balancing arm or a preset named here (on resume: changed here) sets gamma, alpha
-    and the aux scope, or the preset's own defaults, unless those are given too. Returns all
-    settings, the checkpoint or None, and {setting: (was, now)} of what the command line
-    changed on resume."""
+    and the aux scope, or the preset's own defaults, unless those are given too. Returns the
+    settings, the checkpoint or None, and what the command line changed: {key: (was, now)}."""
     settings = default_settings(globals())
     given = parse_overrides(sys.argv[1:], settings)
     ckpt, saved = None, {}
@@ -243,10 +243,9 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
     splits = load_data(data, os.path.join(out_dir, "cache"), model.cfg.block_size)
     optimizer = make_optimizer(model, dev)
     train_gen = torch.Generator().manual_seed(seed + rank)
-    it = 0
+    it = ckpt["iter"] if ckpt else 0
     if ckpt is not None:
         parallel.load_optimizer_state(model, optimizer, ckpt["optimizer"], ep)
-        it = ckpt["iter"]
         train_gen.set_state(ckpt["data_rng"][rank] if rank < len(ckpt["data_rng"]) else
                             torch.Generator().manual_seed(seed + rank).get_state())
         torch.set_rng_state(ckpt["rng"])
@@ -263,15 +262,15 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
     log_path = os.path.join(out_dir, "log.jsonl")
     if master and ckpt is not None:  # each iteration once: rows past the checkpoint run again
         truncate_log(log_path, it)
-    log = open(log_path, "a" if ckpt else "w") if master else None
+    log = open(log_path, "a" if ckpt else "w", buffering=1) if master else None  # by line
     def record(row):
         if log:
             log.write(json.dumps(row) + "\n")
-            log.flush()
     L = model.cfg.block_size
     tokens_per_step = batch_size * L * gradient_accumulation_steps * world
     flops = model.flops_per_token(L)
     peak = peak_flops(torch.cuda.get_device_name(dev)) if dev.startswith("cuda") else None
+    mfu_of = lambda tok_s: f"{100 * flops * tok_s / world / peak:.1f}%" if peak else "n/a"
     if ckpt is not None:
         console.print(f"resuming {ckpt_path} at iter {it} with its settings" + "".join(
             f", {k}={new} (was {old})" for k, (old, new) in changed.items()), highlight=False)
@@ -287,7 +286,7 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
                         TimeRemainingColumn(), console=console, disable=not master)
     task = progress.add_task("training", total=max_iters, completed=it)
-    summary, maxvio = {}, []
+    summary, maxvio, speeds = {}, [], []
     t_start, start_it = time.time(), it
     timed, train_s = 0, 0.0  # steps and seconds of training since the last log row
 
@@ -324,15 +323,16 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
                 timed, train_s = timed + 1, train_s + time.time() - t0
             if it % log_interval == 0 or it == max_iters:  # tokens/s of training time alone
                 tok_s = tokens_per_step * timed / train_s if timed else 0.0
-                mfu = f"{100 * flops * tok_s / world / peak:.1f}%" if peak else "n/a"
                 row = {"iter": it, "loss": (loss - aux).item(), "aux_loss": aux.item(), "lr": lr,
-                       "tokens_per_s": tok_s, "mfu": mfu,
+                       "tokens_per_s": tok_s, "mfu": mfu_of(tok_s),
                        "maxvio_batch": torch.stack(maxvio).mean().item()}
                 record(row)
-                summary.update(loss=row["loss"], tokens_per_s=tok_s, mfu=mfu)
+                speeds.append(tok_s)  # the summary's speed: the median of the log rows
+                summary.update(loss=row["loss"], tokens_per_s=statistics.median(speeds),
+                               mfu=mfu_of(statistics.median(speeds)))
                 progress.update(task, description=(
                     f"loss {row['loss']:.3f} aux {row['aux_loss']:.2e} lr {lr:.1e} "
-                    f"{tok_s:,.0f} tok/s MFU {mfu} MaxVio {row['maxvio_batch']:.2f}"))
+                    f"{tok_s:,.0f} tok/s MFU {row['mfu']} MaxVio {row['maxvio_batch']:.2f}"))
                 timed, train_s, maxvio = 0, 0.0, []
             progress.update(task, completed=it)
             if interrupted:
