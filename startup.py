@@ -211,9 +211,9 @@ def git_commit():
 
 def command_line():
     """The command as typed, as far as a process can see it: torchrun and OMP_NUM_THREADS too."""
-    cmd = [f"python {os.path.basename(sys.argv[0])}", *sys.argv[1:]]
-    if "WORLD_SIZE" in os.environ:
-        cmd.insert(0, f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}")
+    launcher = (f"torchrun --nproc_per_node={os.environ['LOCAL_WORLD_SIZE']}"
+                if "WORLD_SIZE" in os.environ else "python")
+    cmd = [launcher, os.path.basename(sys.argv[0]), *sys.argv[1:]]
     if "OMP_NUM_THREADS" in os.environ:
         cmd.insert(0, f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}")
     return " ".join(cmd)

@@ -907,6 +907,22 @@ def test_compile_without_a_cpp_compiler_ends_with_one_line(monkeypatch, tmp_path
     assert len(str(stop.value.code).splitlines()) == 1 and "--compile=False" in str(stop.value.code)
 
 
+@pytest.mark.parametrize("env, argv, want", [
+    ({}, ["study.py", "--seeds=4"], "python study.py --seeds=4"),
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "OMP_NUM_THREADS": "1"},
+     ["/x/study.py", "--study=traffic"],
+     "OMP_NUM_THREADS=1 torchrun --nproc_per_node=4 study.py --study=traffic")])
+def test_the_stamp_names_the_command_as_typed(monkeypatch, env, argv, want):
+    for key in ("WORLD_SIZE", "LOCAL_WORLD_SIZE", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "argv", argv)
+    line = startup.stamp("cpu", "float32")
+    assert line.endswith(f"· float32 · `{want}`"), line
+    assert re.match(r"> \*\*\d{4}-\d\d-\d\d \d\d:\d\d UTC\*\* · .+ · torch \S+ · commit \S+ · ", line)
+
+
 def test_summary_speed_is_the_median_of_the_logged_speeds(monkeypatch, tmp_path, text_file, capsys):
     run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=8", "--log_interval=1",
              "--eval_interval=8", "--batch_size=2")
