@@ -85,11 +85,13 @@ def run_main(monkeypatch, out_dir, *args):
                                       "--eval_sample=False",
                                       f"--out_dir={out_dir}", *args])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         train.main()
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
+        torch.use_deterministic_algorithms(deterministic)
     return loads
 
 
@@ -737,7 +739,11 @@ def test_bench_tiny_preset_writes_its_rows(tmp_path):
     assert sorted(profiles) == [f"tiny:256 grouped eager fwd+bwd {r}"
                                 for r in ("balanced", "real", "skewed")]
     for p in profiles.values():
-        assert abs(sum(p["kinds"].values()) - 1) < 1e-6 and p["kinds"]["matmul"] > 0.2
+        assert abs(sum(p["kinds"].values()) - 1) < 1e-6
+        # the matmul share holds at least the top ops named as matmuls (not a share of the
+        # time: on 2 busy cores the tiny preset's matmuls took 17% to 54% of it)
+        mm = sum(e["share"] for e in p["top"] if re.fullmatch(r"aten::(mm|_grouped_mm)", e["name"]))
+        assert mm > 0 and p["kinds"]["matmul"] >= mm - 1e-9
         ms = [e["ms"] for e in p["top"]]
         assert ms == sorted(ms, reverse=True) and sum(ms) <= p["ms"] * (1 + 1e-6)
 
@@ -921,6 +927,17 @@ def test_the_stamp_names_the_command_as_typed(monkeypatch, env, argv, want):
     line = startup.stamp("cpu", "float32")
     assert line.endswith(f"· float32 · `{want}`"), line
     assert re.match(r"> \*\*\d{4}-\d\d-\d\d \d\d:\d\d UTC\*\* · .+ · torch \S+ · commit \S+ · ", line)
+
+
+def test_a_cpu_run_trains_with_deterministic_algorithms(monkeypatch, tmp_path, text_file):
+    """Compiled CPU kernels otherwise add gradients with atomics in thread order, and two runs
+    of one seed drift apart; in deterministic mode inductor falls back to aten's ordered sums."""
+    seen, real = [], train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a: seen.append(
+        torch.are_deterministic_algorithms_enabled()) or real(*a))
+    run_main(monkeypatch, tmp_path, f"--data={text_file}", "--max_iters=2", "--eval_iters=0")
+    assert seen == [True, True]
+    assert not torch.are_deterministic_algorithms_enabled()  # run_main restored it
 
 
 def test_summary_speed_is_the_median_of_the_logged_speeds(monkeypatch, tmp_path, text_file, capsys):

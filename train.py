@@ -227,6 +227,8 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
         check_compiler(dev)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     os.makedirs(out_dir, exist_ok=True)
+    if dev == "cpu":  # inductor's CPU kernels sum gradients (of embeddings, of the gathered
+        torch.use_deterministic_algorithms(True)  # rows) in thread order: the same run twice
     torch.manual_seed(seed)
     model = build_model(ckpt, dev)
     dtype_name, why = dtype, ("as the checkpoint ran" if ckpt and "dtype" not in changed
@@ -263,9 +265,7 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
     if master and ckpt is not None:  # each iteration once: rows past the checkpoint run again
         truncate_log(log_path, it)
     log = open(log_path, "a" if ckpt else "w", buffering=1) if master else None  # by line
-    def record(row):
-        if log:
-            log.write(json.dumps(row) + "\n")
+    record = lambda row: log and log.write(json.dumps(row) + "\n")  # rank 0 writes
     L = model.cfg.block_size
     tokens_per_step = batch_size * L * gradient_accumulation_steps * world
     flops = model.flops_per_token(L)
