@@ -930,8 +930,8 @@ def test_the_stamp_names_the_command_as_typed(monkeypatch, env, argv, want):
 
 
 def test_a_cpu_run_trains_with_deterministic_algorithms(monkeypatch, tmp_path, text_file):
-    """Compiled CPU kernels otherwise add gradients with atomics in thread order, and two runs
-    of one seed drift apart; in deterministic mode inductor falls back to aten's ordered sums."""
+    """Without it, two compiled CPU runs of one seed drifted apart (at iter 20 of 30), since
+    some gradients are summed in the order the threads finish."""
     seen, real = [], train.train_step
     monkeypatch.setattr(train, "train_step", lambda *a: seen.append(
         torch.are_deterministic_algorithms_enabled()) or real(*a))

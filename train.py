@@ -227,8 +227,8 @@ def run(config, ckpt, changed, distributed, rank, world, dev):
         check_compiler(dev)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     os.makedirs(out_dir, exist_ok=True)
-    if dev == "cpu":  # inductor's CPU kernels sum gradients (of embeddings, of the gathered
-        torch.use_deterministic_algorithms(True)  # rows) in thread order: the same run twice
+    if dev == "cpu":  # else compiled kernels add some gradients in thread order, and two runs
+        torch.use_deterministic_algorithms(True)  # of one seed drift apart (docs/training.md)
     torch.manual_seed(seed)
     model = build_model(ckpt, dev)
     dtype_name, why = dtype, ("as the checkpoint ran" if ckpt and "dtype" not in changed
